@@ -1,0 +1,8 @@
+"""mlmd: machine-learned equivariant potentials as force providers in OpenMM, ASE and a Numba engine."""
+__version__ = "0.1.0"
+
+from .errors import DataError, InputError, MLMDError, ModelFileError  # noqa: E402
+from .potential import Potential, export, load, load_module  # noqa: E402
+
+__all__ = ["__version__", "load", "load_module", "export", "Potential",
+           "MLMDError", "InputError", "ModelFileError", "DataError"]

@@ -1,0 +1,144 @@
+"""The ``mlmd`` command: label, train, export, info, audit."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from .errors import MLMDError
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cmd_label(args) -> int:
+    import ase.io
+
+    from .models.data import sample_md
+
+    try:
+        atoms = ase.io.read(args.structure)
+    except FileNotFoundError:
+        raise MLMDError(f"structure: file {args.structure!r} does not exist") from None
+    out = sample_md(atoms, args.oracle, args.out, frames=args.frames, temperature=args.temperature,
+                    timestep=args.timestep, interval=args.interval, equilibration=args.equilibration,
+                    friction=args.friction, seed=args.seed, relax=not args.no_relax)
+    print(f"wrote {args.frames} labelled frames to {out}")
+    return 0
+
+
+def _cmd_train(args) -> int:
+    from .models.train import TrainConfig, train
+
+    config = TrainConfig.from_args(args)
+    result = train(config)
+    print(json.dumps(result["test_metrics_summary"], indent=1))
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .models.train import export_checkpoint
+
+    path = export_checkpoint(args.checkpoint, args.out, dtype=args.dtype)
+    print(f"exported {path}")
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .potential import load_module
+
+    _, meta = load_module(args.model)
+    if args.json:
+        print(json.dumps(meta, indent=1))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mlmd model {args.model}", show_header=False)
+    for key, value in meta.items():
+        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(key, text)
+    Console().print(table)
+    return 0
+
+
+def _cmd_audit(args) -> int:
+    from .testing import audit
+
+    report = audit(args.model, dtype=args.dtype)
+    return 0 if report["verdict"] == "pass" else 1
+
+
+def _cmd_bench(args) -> int:
+    from . import bench
+
+    if args.name == "committee":
+        bench.bench_committee(args.model, sizes=args.members, repeats=args.repeats, threads=args.threads)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlmd", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("label", help="sample geometries by MD with a reference method and label them")
+    p.add_argument("structure", help="start structure (any format ASE reads)")
+    p.add_argument("--oracle", default="gfn2-xtb", help="gfn2-xtb | gfn1-xtb | emt")
+    p.add_argument("--out", required=True, help="extxyz file to create (frames are appended as made)")
+    p.add_argument("--frames", type=int, default=650)
+    p.add_argument("--temperature", type=float, default=300.0, help="K")
+    p.add_argument("--timestep", type=float, default=0.5, help="fs")
+    p.add_argument("--interval", type=int, default=20, help="MD steps between saved frames")
+    p.add_argument("--equilibration", type=int, default=1000, help="MD steps before the first frame")
+    p.add_argument("--friction", type=float, default=0.01, help="Langevin friction, 1/fs")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-relax", action="store_true", help="skip the BFGS relaxation of the start structure")
+    p.set_defaults(func=_cmd_label)
+
+    p = sub.add_parser("train", help="train a model or a committee on an extxyz data set")
+    from .models.train import add_train_arguments
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("export", help="export a training checkpoint to a TorchScript model file")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                   help="dtype of the exported module (default: the training run's export dtype)")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("info", help="print a model file's metadata")
+    p.add_argument("model")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("audit", help="run the contract checks of mlmd.testing on a model file")
+    p.add_argument("model")
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"],
+                   help="precision for the finite-difference checks (the file is cast)")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("bench", help="side-by-side benchmarks (ratios printed)")
+    p.add_argument("name", choices=["committee"])
+    p.add_argument("--model", default=os.path.join(_ROOT, "systems", "ethanol", "ethanol_committee.pt"),
+                   help="model file whose hyper-parameters, dtype and example frame are used")
+    p.add_argument("--members", type=int, nargs="+", default=[1, 2, 4, 8])
+    p.add_argument("--repeats", type=int, default=200)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except MLMDError as exc:
+        print(f"mlmd {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

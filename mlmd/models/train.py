@@ -1,0 +1,524 @@
+"""Training of a model or a committee (``mlmd train``).
+
+All M members train in one batched pass (their weights carry a member axis), each with
+its own seed and, with ``bootstrap``, its own resampling of the training frames; since
+AdamW acts element-wise and the loss is a sum over members, this is exactly M
+independent trainings run side by side.
+
+Loss per member m, over a batch of frames g with N_g atoms (errors divided by the
+force RMS s of the training data, so both terms are dimensionless):
+
+    L_m = sum_g w_mg [ a_E ((E_g - E*_g) / (N_g s))^2 + a_F mean_i,k ((F_gik - F*_gik) / s)^2 ] / sum_g w_mg
+
+AdamW with linear warm-up then cosine decay, an exponential moving average (EMA) of the
+weights used for validation, test and export, early stopping per member on the EMA
+validation loss, and a resumable checkpoint written atomically after every epoch.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from .. import keys
+from ..errors import DataError, InputError
+from .data import fingerprint, read_dataset
+from .ponita import DEFAULT_HYPERPARAMETERS, PonitaPotential
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass
+class TrainConfig:
+    data: str
+    out: str
+    committee: int = 1
+    epochs: int = 300
+    batch_size: int = 10
+    lr: float = 5e-3
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 5
+    ema_decay: float = 0.99
+    patience: int = 50
+    energy_weight: float = 1.0
+    force_weight: float = 10.0
+    n_train: int = 500
+    n_val: int = 50
+    n_test: int = 100
+    seed: int = 0
+    bootstrap: bool = False
+    augment_rotations: bool = True    # rotate each batch at random: the S^2 grid is only approximately invariant
+    dtype: str = "float32"
+    export_dtype: str = "float32"
+    resume: bool = False
+    max_minutes: float = 0.0          # 0: no limit
+    progress: bool = True
+    hyperparameters: Dict[str, float] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("committee", "epochs", "batch_size", "n_train", "n_val"):
+            if getattr(self, name) < 1:
+                raise InputError(f"{name}: must be >= 1, got {getattr(self, name)}")
+        if self.n_test < 0:
+            raise InputError(f"n_test: must be >= 0, got {self.n_test}")
+        for name in ("dtype", "export_dtype"):
+            if getattr(self, name) not in _DTYPES:
+                raise InputError(f"{name}: expected one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise InputError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        unknown = set(self.hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
+        if unknown:
+            raise InputError(f"hyperparameters: unknown {sorted(unknown)}; known: {sorted(DEFAULT_HYPERPARAMETERS)}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+        values["hyperparameters"] = {k: getattr(args, k) for k in DEFAULT_HYPERPARAMETERS
+                                     if getattr(args, k, None) is not None}
+        values["progress"] = not getattr(args, "no_progress", False)
+        return cls(**values)
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainConfig.__dataclass_fields__
+    p.add_argument("data", help="extxyz file with energy and forces")
+    p.add_argument("--out", required=True, help="run directory (checkpoint, model.pt, parity.png, metrics.json)")
+    p.add_argument("--committee", type=int, default=d["committee"].default, help="members M")
+    p.add_argument("--bootstrap", action="store_true", help="each member trains on a bootstrap resample")
+    p.add_argument("--no-augment-rotations", dest="augment_rotations", action="store_false", default=None,
+                   help="do not rotate training batches at random")
+    for name in ("epochs", "batch_size", "patience", "n_train", "n_val", "n_test", "seed"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default)
+    for name in ("lr", "weight_decay", "ema_decay", "energy_weight", "force_weight", "max_minutes"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default)
+    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"].default)
+    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="training precision")
+    p.add_argument("--export-dtype", default="float32", choices=sorted(_DTYPES))
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--no-progress", action="store_true")
+    for name, default in DEFAULT_HYPERPARAMETERS.items():
+        kind = float if name == "cutoff" else int
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
+                       help=f"model hyper-parameter (default {default})")
+
+
+# ---------------------------------------------------------------------------------------
+# graphs
+
+
+class Graphs:
+    """Frames turned into edge vectors once (positions are fixed during training)."""
+
+    def __init__(self, frames, species: List[int], cutoff: float, dtype: torch.dtype):
+        from ..neighbors import neighbor_pairs
+
+        index_of = {z: i for i, z in enumerate(species)}
+        self.items = []
+        for atoms in frames:
+            edge_index, shifts = neighbor_pairs(atoms.positions, np.asarray(atoms.cell), atoms.pbc, cutoff)
+            pos = atoms.positions
+            vectors = pos[edge_index[1]] - pos[edge_index[0]] + shifts
+            results = atoms.calc.results
+            self.items.append({
+                "species": torch.tensor([index_of[int(z)] for z in atoms.numbers], dtype=torch.long),
+                "edge_index": torch.as_tensor(edge_index),
+                "vectors": torch.as_tensor(vectors, dtype=dtype),
+                "energy": float(results[keys.DATA_ENERGY]),
+                "forces": torch.as_tensor(np.asarray(results[keys.DATA_FORCES]), dtype=dtype),
+            })
+
+    def __len__(self):
+        return len(self.items)
+
+    def batch(self, indices) -> Dict[str, torch.Tensor]:
+        species, edges, vectors, forces, batch, energies, counts = [], [], [], [], [], [], []
+        offset = 0
+        for g, k in enumerate(indices):
+            item = self.items[int(k)]
+            n = item["species"].shape[0]
+            species.append(item["species"])
+            edges.append(item["edge_index"] + offset)
+            vectors.append(item["vectors"])
+            forces.append(item["forces"])
+            batch.append(torch.full((n,), g, dtype=torch.long))
+            energies.append(item["energy"])
+            counts.append(n)
+            offset += n
+        dtype = vectors[0].dtype
+        return {"species": torch.cat(species), "edge_index": torch.cat(edges, dim=1),
+                "vectors": torch.cat(vectors), "forces": torch.cat(forces), "batch": torch.cat(batch),
+                "energy": torch.tensor(energies, dtype=dtype), "n_atoms": torch.tensor(counts, dtype=dtype),
+                "frames": torch.as_tensor(np.asarray(indices, dtype=np.int64))}
+
+
+def random_rotation(generator: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
+    """A uniformly distributed proper rotation [3,3] (QR of a Gaussian matrix)."""
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r)).unsqueeze(0)
+    if torch.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q.to(dtype)
+
+
+def predict(model: PonitaPotential, batch: Dict[str, torch.Tensor], create_graph: bool):
+    """Member energies [M,G] eV and forces [M,N,3] eV/Å for a batch of frames."""
+    out = model.energy_and_forces(batch["vectors"], batch["species"], batch["edge_index"], False, create_graph)
+    atom_energy = out["atom_energy"]
+    energies = torch.zeros((atom_energy.shape[0], batch["energy"].shape[0]), dtype=atom_energy.dtype)
+    energies = energies.index_add(1, batch["batch"], atom_energy)
+    return energies, out["forces"]
+
+
+def member_losses(model, batch, scale: float, config: TrainConfig, weights: Optional[torch.Tensor],
+                  create_graph: bool) -> torch.Tensor:
+    """[M] loss per member (see module docstring)."""
+    energies, forces = predict(model, batch, create_graph)
+    n_atoms = batch["n_atoms"]
+    e_err = ((energies - batch["energy"].unsqueeze(0)) / (n_atoms.unsqueeze(0) * scale)).pow(2)   # [M,G]
+    f_err = ((forces - batch["forces"].unsqueeze(0)) / scale).pow(2).mean(dim=-1)               # [M,N]
+    f_frame = torch.zeros_like(e_err).index_add(1, batch["batch"], f_err) / n_atoms.unsqueeze(0)
+    per_frame = config.energy_weight * e_err + config.force_weight * f_frame
+    if weights is None:
+        return per_frame.mean(dim=1)
+    w = weights[:, batch["frames"]].to(per_frame.dtype)                                          # [M,G]
+    return (per_frame * w).sum(dim=1) / w.sum(dim=1).clamp_min(1e-12)
+
+
+# ---------------------------------------------------------------------------------------
+# statistics from the training frames
+
+
+def fit_reference_energies(frames, species: List[int]) -> np.ndarray:
+    """Per-element energies E0 [S] eV by least squares on E ≈ sum_Z n_Z E0_Z (minimum norm)."""
+    counts = np.array([[np.sum(a.numbers == z) for z in species] for a in frames], dtype=np.float64)
+    energies = np.array([a.calc.results[keys.DATA_ENERGY] for a in frames])
+    solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
+    return solution
+
+
+def dataset_statistics(frames, species: List[int], cutoff: float) -> Dict[str, float]:
+    from ..neighbors import neighbor_pairs
+
+    forces = np.concatenate([np.asarray(a.calc.results[keys.DATA_FORCES]).ravel() for a in frames])
+    neighbours = [neighbor_pairs(a.positions, np.asarray(a.cell), a.pbc, cutoff)[0].shape[1] / max(len(a), 1)
+                  for a in frames]
+    return {"force_rms": float(np.sqrt(np.mean(forces ** 2))),
+            "force_std": float(np.std(forces)),
+            "avg_num_neighbors": float(max(np.mean(neighbours), 1.0))}
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def _split(n_frames: int, config: TrainConfig) -> Dict[str, List[int]]:
+    need = config.n_train + config.n_val + config.n_test
+    if need > n_frames:
+        raise InputError(f"n_train + n_val + n_test = {need} but the data set has {n_frames} frames; "
+                         "lower --n-train/--n-val/--n-test or label more frames")
+    order = np.random.default_rng(config.seed).permutation(n_frames)
+    return {"test": order[:config.n_test].tolist(),
+            "val": order[config.n_test:config.n_test + config.n_val].tolist(),
+            "train": order[config.n_test + config.n_val:need].tolist()}
+
+
+def _member_slices_copy(dst: Dict[str, torch.Tensor], src: Dict[str, torch.Tensor], member: int) -> None:
+    for name, value in src.items():
+        dst[name][member].copy_(value[member])
+
+
+def _save_atomic(obj, path: str) -> None:
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def build_model(init: Dict) -> PonitaPotential:
+    return PonitaPotential(init["species"], committee_size=init["committee"], seed=init["seed"],
+                           hyperparameters=init["hyperparameters"], energy_shift=init["energy_shift"],
+                           energy_scale=init["energy_scale"], avg_num_neighbors=init["avg_num_neighbors"])
+
+
+def train(config: TrainConfig) -> Dict:
+    """Train, evaluate on the test split, write OUT/{checkpoint.pt, model.pt, metrics.json, parity.png}."""
+    from tqdm.auto import tqdm
+
+    config.validate()
+    os.makedirs(config.out, exist_ok=True)
+    checkpoint_path = os.path.join(config.out, "checkpoint.pt")
+    frames = read_dataset(config.data)
+    split = _split(len(frames), config)
+    train_frames = [frames[i] for i in split["train"]]
+    dtype = _DTYPES[config.dtype]
+
+    resume_state = None
+    if config.resume:
+        if not os.path.isfile(checkpoint_path):
+            raise InputError(f"resume: no checkpoint at {checkpoint_path!r}; drop --resume to start anew")
+        resume_state = torch.load(checkpoint_path, weights_only=True)
+        if resume_state["split"] != split:
+            raise InputError("resume: the data set or split options differ from the checkpoint's; "
+                             "use the same data and --n-train/--n-val/--n-test/--seed")
+        init = resume_state["model_init"]
+    else:
+        species = sorted({int(z) for a in frames for z in a.numbers})
+        hp = dict(DEFAULT_HYPERPARAMETERS)
+        hp.update(config.hyperparameters)
+        stats = dataset_statistics(train_frames, species, float(hp["cutoff"]))
+        init = {"species": species, "committee": config.committee, "seed": config.seed,
+                "hyperparameters": hp,
+                "energy_shift": fit_reference_energies(train_frames, species).tolist(),
+                "energy_scale": stats["force_rms"], "avg_num_neighbors": stats["avg_num_neighbors"],
+                "force_std": stats["force_std"]}
+    model = build_model(init).to(dtype)
+    scale = float(init["energy_scale"])
+    graphs = Graphs(frames, init["species"], model.cutoff, dtype)
+    members = model.committee_size
+
+    generator = torch.Generator().manual_seed(config.seed)
+    weights = None
+    if config.bootstrap:
+        n_train = len(split["train"])
+        weights = torch.zeros(members, len(frames))
+        for m in range(members):
+            draw = torch.randint(0, n_train, (n_train,), generator=torch.Generator().manual_seed(config.seed + 7919 * m))
+            idx = torch.as_tensor(split["train"])[draw]
+            weights[m].index_add_(0, idx, torch.ones(n_train))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    steps_per_epoch = math.ceil(len(split["train"]) / config.batch_size)
+    total_steps = config.epochs * steps_per_epoch
+    warmup = config.warmup_epochs * steps_per_epoch
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    params = dict(model.named_parameters())
+    ema = {k: v.detach().clone() for k, v in params.items()}
+    best = {k: v.detach().clone() for k, v in params.items()}
+    best_val = torch.full((members,), float("inf"))
+    stall = torch.zeros(members, dtype=torch.long)
+    history: List[Dict] = []
+    start_epoch = 0
+    elapsed_before = 0.0
+    if resume_state is not None:
+        model.load_state_dict(resume_state["model"])
+        optimizer.load_state_dict(resume_state["optimizer"])
+        scheduler.load_state_dict(resume_state["scheduler"])
+        ema = resume_state["ema"]
+        best = resume_state["best"]
+        best_val = resume_state["best_val"]
+        stall = resume_state["stall"]
+        history = resume_state["history"]
+        start_epoch = int(resume_state["epoch"])
+        elapsed_before = float(resume_state["elapsed"])
+        generator.set_state(resume_state["rng"])
+
+    def evaluate_with(state: Dict[str, torch.Tensor], indices: List[int]) -> torch.Tensor:
+        saved = {k: v.detach().clone() for k, v in params.items()}
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(state[k])
+        total = torch.zeros(members, dtype=torch.float64)
+        for lo in range(0, len(indices), 50):
+            chunk = indices[lo:lo + 50]
+            total += member_losses(model, graphs.batch(chunk), scale, config, None, False).detach().double() * len(chunk)
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(saved[k])
+        return (total / len(indices)).float()
+
+    t_start = time.perf_counter()
+    train_index = torch.as_tensor(split["train"])
+    epoch = start_epoch
+    bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"training M={members}", unit="epoch",
+               disable=not config.progress)
+    stopped = "epochs"
+    while epoch < config.epochs:
+        model.train()
+        order = train_index[torch.randperm(len(train_index), generator=generator)]
+        running = 0.0
+        for lo in range(0, len(order), config.batch_size):
+            batch = graphs.batch(order[lo:lo + config.batch_size].tolist())
+            if config.augment_rotations:
+                rotation = random_rotation(generator, batch["vectors"].dtype)
+                batch["vectors"] = batch["vectors"] @ rotation.t()
+                batch["forces"] = batch["forces"] @ rotation.t()
+            loss = member_losses(model, batch, scale, config, weights, True).sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            with torch.no_grad():
+                for k, v in params.items():
+                    ema[k].mul_(config.ema_decay).add_(v.detach(), alpha=1.0 - config.ema_decay)
+            running += float(loss.detach()) / members
+        epoch += 1
+        model.eval()
+        val = evaluate_with(ema, split["val"])
+        improved = val < best_val
+        for m in range(members):
+            if bool(improved[m]):
+                _member_slices_copy(best, ema, m)
+        best_val = torch.where(improved, val, best_val)
+        stall = torch.where(improved, torch.zeros_like(stall), stall + 1)
+        elapsed = elapsed_before + time.perf_counter() - t_start
+        history.append({"epoch": epoch, "train_loss": running / steps_per_epoch,
+                        "val_loss": val.tolist(), "lr": scheduler.get_last_lr()[0], "elapsed_s": elapsed})
+        _save_atomic({"config": asdict(config), "model_init": init, "model": model.state_dict(),
+                      "ema": ema, "best": best, "best_val": best_val, "stall": stall,
+                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                      "epoch": epoch, "elapsed": elapsed, "rng": generator.get_state(),
+                      "history": history, "split": split}, checkpoint_path)
+        bar.set_postfix(train=f"{running / steps_per_epoch:.3g}", val=f"{float(val.mean()):.3g}")
+        bar.update(1)
+        if bool((stall >= config.patience).all()):
+            stopped = "early stopping"
+            break
+        if config.max_minutes and elapsed > 60.0 * config.max_minutes:
+            stopped = "time limit"
+            break
+    bar.close()
+    train_seconds = elapsed_before + time.perf_counter() - t_start
+
+    with torch.no_grad():
+        for k, v in params.items():
+            v.copy_(best[k])
+    model.eval()
+    metrics = test_metrics(model, graphs, split["test"] or split["val"])
+    metrics["split_evaluated"] = "test" if split["test"] else "val"
+    data_fp = fingerprint(train_frames)
+    summary = {
+        "force_mae_eV_per_A": metrics["committee"]["force_mae"],
+        "force_rmse_eV_per_A": metrics["committee"]["force_rmse"],
+        "energy_mae_eV": metrics["committee"]["energy_mae"],
+        "energy_mae_meV_per_atom": metrics["committee"]["energy_mae_per_atom"] * 1000.0,
+        "member_force_mae_eV_per_A": metrics["members"]["force_mae"],
+        "data_force_std_eV_per_A": init["force_std"],
+        "force_mae_over_std": metrics["committee"]["force_mae"] / init["force_std"],
+        "train_wall_s": train_seconds, "epochs": epoch, "stopped_by": stopped,
+        "committee": members, "n_train": len(split["train"]), "n_val": len(split["val"]),
+        "n_test": len(split["test"]),
+    }
+    result = {"metrics": metrics, "test_metrics_summary": summary, "history": history}
+    with open(os.path.join(config.out, "metrics.json"), "w") as handle:
+        json.dump({"summary": summary, "config": asdict(config), "split": split, "metrics": metrics},
+                  handle, indent=1)
+    parity_plot(metrics, os.path.join(config.out, "parity.png"), summary)
+    model_path = os.path.join(config.out, "model.pt")
+    export_model(model, model_path, init, config.data, data_fp, summary, config.export_dtype, train_frames[0])
+    result["model_path"] = model_path
+    return result
+
+
+def test_metrics(model: PonitaPotential, graphs: Graphs, indices: List[int]) -> Dict:
+    """MAE/RMSE of committee-mean and per-member predictions, plus arrays for the parity plot."""
+    e_pred, e_ref, n_at, f_pred, f_ref = [], [], [], [], []
+    for lo in range(0, len(indices), 50):
+        batch = graphs.batch(indices[lo:lo + 50])
+        energies, forces = predict(model, batch, False)
+        e_pred.append(energies.detach().double())
+        f_pred.append(forces.detach().double())
+        e_ref.append(batch["energy"].double())
+        n_at.append(batch["n_atoms"].double())
+        f_ref.append(batch["forces"].double())
+    e_pred = torch.cat(e_pred, dim=1)
+    f_pred = torch.cat(f_pred, dim=1)
+    e_ref = torch.cat(e_ref)
+    f_ref = torch.cat(f_ref)
+    n_at = torch.cat(n_at)
+
+    def scores(e, f):
+        de = e - e_ref
+        df = f - f_ref
+        return {"energy_mae": float(de.abs().mean()), "energy_rmse": float(de.pow(2).mean().sqrt()),
+                "energy_mae_per_atom": float((de / n_at).abs().mean()),
+                "force_mae": float(df.abs().mean()), "force_rmse": float(df.pow(2).mean().sqrt())}
+
+    members = [scores(e_pred[m], f_pred[m]) for m in range(e_pred.shape[0])]
+    committee = scores(e_pred.mean(0), f_pred.mean(0))
+    return {"committee": committee,
+            "members": {k: [s[k] for s in members] for k in members[0]},
+            "parity": {"energy_ref_per_atom": (e_ref / n_at).tolist(),
+                       "energy_pred_per_atom": (e_pred.mean(0) / n_at).tolist(),
+                       "force_ref": f_ref.flatten().tolist(), "force_pred": f_pred.mean(0).flatten().tolist()}}
+
+
+def parity_plot(metrics: Dict, path: str, summary: Dict) -> str:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    parity = metrics["parity"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+    e_ref = np.asarray(parity["energy_ref_per_atom"])
+    e_pred = np.asarray(parity["energy_pred_per_atom"])
+    offset = e_ref.mean()
+    axes[0].scatter((e_ref - offset) * 1000, (e_pred - offset) * 1000, s=8, alpha=0.7)
+    lim = np.array([min(((e_ref - offset) * 1000).min(), ((e_pred - offset) * 1000).min()),
+                    max(((e_ref - offset) * 1000).max(), ((e_pred - offset) * 1000).max())])
+    axes[0].plot(lim, lim, "k--", lw=1)
+    axes[0].set_xlabel("reference energy - mean (meV/atom)")
+    axes[0].set_ylabel("predicted (meV/atom)")
+    axes[0].set_title(f"energy MAE {summary['energy_mae_meV_per_atom']:.2f} meV/atom")
+    f_ref = np.asarray(parity["force_ref"])
+    f_pred = np.asarray(parity["force_pred"])
+    axes[1].scatter(f_ref, f_pred, s=3, alpha=0.4)
+    lim = np.array([min(f_ref.min(), f_pred.min()), max(f_ref.max(), f_pred.max())])
+    axes[1].plot(lim, lim, "k--", lw=1)
+    axes[1].set_xlabel("reference force component (eV/Å)")
+    axes[1].set_ylabel("predicted (eV/Å)")
+    axes[1].set_title(f"force MAE {summary['force_mae_eV_per_A']:.3f} eV/Å "
+                      f"({100 * summary['force_mae_over_std']:.1f}% of data std)")
+    fig.suptitle(f"mlmd committee of {summary['committee']} on {summary['n_test']} test frames")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def export_model(model: PonitaPotential, path: str, init: Dict, data_path: str, data_fingerprint: str,
+                 summary: Dict, dtype: str, example=None) -> str:
+    from ..potential import export
+
+    meta = {keys.META_FAMILY: "ponita", keys.META_HYPER: init["hyperparameters"],
+            keys.META_FINGERPRINT: data_fingerprint,
+            keys.META_TRAINING: {"data": os.path.basename(data_path), **summary,
+                                 "avg_num_neighbors": init["avg_num_neighbors"],
+                                 "energy_scale": init["energy_scale"]}}
+    if example is not None:
+        meta[keys.META_EXAMPLE] = {"numbers": example.numbers.tolist(), "positions": example.positions.tolist(),
+                                   "cell": np.asarray(example.cell).tolist(), "pbc": example.pbc.tolist()}
+    return export(model, path, meta, dtype=dtype)
+
+
+def export_checkpoint(checkpoint: str, out: str, dtype: Optional[str] = None) -> str:
+    """Export the best (EMA) weights of a training checkpoint to a model file."""
+    if not os.path.isfile(checkpoint):
+        raise InputError(f"checkpoint: file {checkpoint!r} does not exist")
+    try:
+        state = torch.load(checkpoint, weights_only=True)
+    except Exception as exc:
+        raise InputError(f"checkpoint: {checkpoint!r} is not an mlmd training checkpoint ({exc})") from None
+    if "model_init" not in state or "best" not in state:
+        raise InputError(f"checkpoint: {checkpoint!r} is not an mlmd training checkpoint")
+    init = state["model_init"]
+    config = state["config"]
+    model = build_model(init)
+    model.load_state_dict({**model.state_dict(), **state["best"]})
+    frames = read_dataset(config["data"])
+    train_frames = [frames[i] for i in state["split"]["train"]]
+    summary = {"epochs": int(state["epoch"])}
+    return export_model(model, out, init, config["data"], fingerprint(train_frames), summary,
+                        dtype or config["export_dtype"], train_frames[0])

@@ -1,0 +1,291 @@
+"""The Potential contract: the exported TorchScript module, export, load and a Python wrapper.
+
+A model file is a TorchScript archive (``torch.jit.save``) whose extra file
+``mlmd.json`` holds the metadata (see :mod:`mlmd.keys`).  Its module is called as
+
+    module(positions [N,3] Å, numbers [N] int64, cell [3,3] Å, pbc [3] bool,
+           edge_index [2,E] int64, shifts [E,3] Å, compute_stress: bool) -> Dict[str, Tensor]
+
+and returns the keys documented in :mod:`mlmd.keys`.  Loading goes through one function,
+:func:`load_module`, so that another serialisation (torch.export / AOTInductor) can be
+added there without touching the hosts.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from . import keys
+from .errors import InputError, ModelFileError
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+class PotentialModule(nn.Module):
+    """What a model file holds: input checks, species mapping, committee statistics."""
+
+    def __init__(self, model: nn.Module, species: List[int], calibration_factor: float = 1.0,
+                 supports_stress: bool = True):
+        super().__init__()
+        self.model = model
+        self.committee_size = int(model.committee_size)
+        self.cutoff = float(model.cutoff)
+        self.supports_stress = bool(supports_stress)
+        self.species: List[int] = [int(z) for z in species]
+        species_map = torch.full((119,), -1, dtype=torch.long)
+        for index, z in enumerate(species):
+            species_map[int(z)] = index
+        self.register_buffer("species_map", species_map)
+        self.calibration_factor = float(calibration_factor)
+
+    def forward(self, positions: Tensor, numbers: Tensor, cell: Tensor, pbc: Tensor,
+                edge_index: Tensor, shifts: Tensor, compute_stress: bool = False) -> Dict[str, Tensor]:
+        n_atoms = positions.shape[0]
+        if positions.dim() != 2 or positions.shape[1] != 3:
+            raise ValueError("positions: expected shape [N, 3]")
+        if numbers.dim() != 1 or numbers.shape[0] != n_atoms:
+            raise ValueError("numbers: expected shape [N] matching positions")
+        if edge_index.dim() != 2 or edge_index.shape[0] != 2:
+            raise ValueError("edge_index: expected shape [2, E]")
+        if shifts.dim() != 2 or shifts.shape[1] != 3 or shifts.shape[0] != edge_index.shape[1]:
+            raise ValueError("shifts: expected shape [E, 3] matching edge_index")
+        if not bool(torch.isfinite(positions).all()):
+            raise ValueError("positions: contain NaN or Inf")
+        if bool((numbers < 0).any()) or bool((numbers > 118).any()):
+            raise ValueError("numbers: atomic numbers must be in 1..118")
+        species_index = self.species_map[numbers]
+        if bool((species_index < 0).any()):
+            raise ValueError("numbers: an element is not among the model's species (see its metadata)")
+        if compute_stress and not self.supports_stress:
+            raise ValueError("compute_stress: this model does not support stress")
+
+        dtype = self.model.grid.dtype
+        positions = positions.to(dtype)
+        vectors = (torch.index_select(positions, 0, edge_index[1])
+                   - torch.index_select(positions, 0, edge_index[0]) + shifts.to(dtype))
+        out = self.model.energy_and_forces(vectors, species_index, edge_index, compute_stress,
+                                           self.training)
+        atom_energy = out["atom_energy"]           # [M,N]
+        member_forces = out["forces"]              # [M,N,3]
+        member_energy = atom_energy.sum(dim=1)     # [M]
+        result: Dict[str, Tensor] = {
+            "energy": member_energy.mean(),
+            "forces": member_forces.mean(dim=0),
+            "energies": atom_energy.mean(dim=0),
+        }
+        if compute_stress:
+            virial = out["virial"].mean(dim=0)
+            result["virial"] = virial
+            volume = torch.abs(torch.det(cell.to(dtype)))
+            if bool(volume > 0.0):
+                result["stress"] = -virial / volume
+        if self.committee_size > 1:
+            mean_forces = result["forces"]
+            forces_std = ((member_forces - mean_forces.unsqueeze(0)).pow(2).sum(dim=-1).mean(dim=0)).sqrt()
+            result["member_energies"] = member_energy
+            result["member_forces"] = member_forces
+            result["energy_std"] = ((member_energy - member_energy.mean()).pow(2).mean()).sqrt()
+            result["forces_std"] = forces_std
+            if n_atoms > 0:
+                result["uncertainty"] = forces_std.max() * self.calibration_factor
+            else:
+                result["uncertainty"] = torch.zeros((), dtype=dtype)
+        return result
+
+
+def export(model: nn.Module, path: str | os.PathLike, metadata: Dict[str, Any],
+           dtype: str = "float64", calibration_factor: float = 1.0) -> str:
+    """Script ``model`` (a :class:`~mlmd.models.ponita.PonitaPotential`) and save it with metadata."""
+    if dtype not in _DTYPES:
+        raise InputError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+    import copy
+
+    model = copy.deepcopy(model).to(_DTYPES[dtype]).eval()
+    module = PotentialModule(model, list(model.species), calibration_factor)
+    scripted = torch.jit.script(module)
+    meta = dict(metadata)
+    meta.setdefault(keys.META_CONTRACT, keys.CONTRACT_VERSION)
+    meta[keys.META_CUTOFF] = float(model.cutoff)
+    meta[keys.META_SPECIES] = [int(z) for z in model.species]
+    meta[keys.META_COMMITTEE] = int(model.committee_size)
+    meta[keys.META_DTYPE] = dtype
+    meta[keys.META_CALIBRATION] = float(calibration_factor)
+    meta[keys.META_STRESS] = True
+    from . import __version__
+    meta.setdefault(keys.META_MLMD_VERSION, __version__)
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.jit.save(scripted, tmp, _extra_files={keys.METADATA_FILE: json.dumps(meta, indent=1)})
+    os.replace(tmp, path)   # a crash mid-write never leaves a truncated model file
+    return path
+
+
+def load_module(path: str | os.PathLike, device: str = "cpu"):
+    """Load a model file: returns (scripted module, metadata dict). The only loader."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ModelFileError(f"model file {path!r} does not exist")
+    extra = {keys.METADATA_FILE: ""}
+    try:
+        module = torch.jit.load(path, map_location=device, _extra_files=extra)
+    except Exception as exc:  # torch raises RuntimeError/ValueError with zip-reader jargon
+        raise ModelFileError(
+            f"model file {path!r} is not a TorchScript archive ({type(exc).__name__}); "
+            "model files are written by `mlmd export` or mlmd.potential.export") from None
+    raw = extra[keys.METADATA_FILE]
+    if not raw:
+        raise ModelFileError(
+            f"model file {path!r} is a TorchScript archive without mlmd metadata "
+            f"(no '{keys.METADATA_FILE}' extra file); export it with `mlmd export`")
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"model file {path!r}: metadata is not valid JSON ({exc})") from None
+    version = str(meta.get(keys.META_CONTRACT, ""))
+    try:
+        major = int(version.split(".")[0])
+    except ValueError:
+        raise ModelFileError(f"model file {path!r}: metadata has no valid contract_version") from None
+    ours = int(keys.CONTRACT_VERSION.split(".")[0])
+    if major > ours:
+        raise ModelFileError(
+            f"model file {path!r} uses mlmd contract {version}, newer than this mlmd "
+            f"({keys.CONTRACT_VERSION}); upgrade mlmd to read it")
+    for key in (keys.META_CUTOFF, keys.META_SPECIES, keys.META_COMMITTEE, keys.META_DTYPE):
+        if key not in meta:
+            raise ModelFileError(f"model file {path!r}: metadata lacks {key!r}")
+    return module, meta
+
+
+@dataclass
+class Potential:
+    """A loaded model file with input validation, for Python callers and the hosts.
+
+    >>> pot = mlmd.load("systems/ethanol/ethanol_committee.pt")
+    >>> out = pot.compute_atoms(atoms)          # numpy arrays, eV / Å
+    """
+
+    module: Any
+    metadata: Dict[str, Any]
+    path: str = ""
+    device: str = "cpu"
+    _species: set = field(default_factory=set, repr=False)
+
+    def __post_init__(self):
+        self._species = set(int(z) for z in self.metadata[keys.META_SPECIES])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "cpu") -> "Potential":
+        module, meta = load_module(path, device)
+        return cls(module=module, metadata=meta, path=os.fspath(path), device=device)
+
+    @property
+    def cutoff(self) -> float:
+        return float(self.metadata[keys.META_CUTOFF])
+
+    @property
+    def species(self) -> List[int]:
+        return [int(z) for z in self.metadata[keys.META_SPECIES]]
+
+    @property
+    def committee_size(self) -> int:
+        return int(self.metadata[keys.META_COMMITTEE])
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.metadata[keys.META_DTYPE]]
+
+    def with_dtype(self, dtype: str) -> "Potential":
+        """A copy of this potential whose module computes in ``dtype`` ("float32"/"float64")."""
+        if dtype not in _DTYPES:
+            raise InputError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
+        module, meta = load_module(self.path, self.device) if self.path else (self.module, dict(self.metadata))
+        module = module.to(_DTYPES[dtype])
+        meta = dict(meta)
+        meta[keys.META_DTYPE] = dtype
+        return Potential(module=module, metadata=meta, path=self.path, device=self.device)
+
+    def check_numbers(self, numbers: np.ndarray) -> None:
+        unknown = sorted(set(int(z) for z in np.unique(numbers)) - self._species)
+        if unknown:
+            from ase.data import chemical_symbols
+            names = ", ".join(f"{chemical_symbols[z] if 0 < z < len(chemical_symbols) else '?'} (Z={z})"
+                              for z in unknown)
+            known = ", ".join(chemical_symbols[z] for z in self.species)
+            raise InputError(f"numbers: element(s) {names} not in this model's species [{known}]; "
+                             "use a model trained on them or remove those atoms")
+
+    def compute(self, positions, numbers, cell=None, pbc=None, edge_index=None, shifts=None,
+                stress: bool = False) -> Dict[str, np.ndarray]:
+        """Evaluate one frame; arrays in Å, returns numpy arrays in eV, eV/Å, eV/Å^3.
+
+        When ``edge_index``/``shifts`` are not given, pairs are built with
+        :func:`mlmd.neighbors.neighbor_pairs` at the model's cutoff.
+        """
+        positions = _as_array("positions", positions, np.float64, (None, 3))
+        n_atoms = len(positions)
+        numbers = _as_array("numbers", numbers, np.int64, (n_atoms,))
+        cell = np.zeros((3, 3)) if cell is None else _as_array("cell", cell, np.float64, (3, 3))
+        pbc = np.zeros(3, bool) if pbc is None else _as_array("pbc", np.broadcast_to(pbc, (3,)), bool, (3,))
+        if not np.isfinite(positions).all():
+            bad = np.unique(np.nonzero(~np.isfinite(positions))[0])
+            raise InputError(f"positions: NaN or Inf at atom(s) {bad[:10].tolist()}; "
+                             "check the structure or the step that produced it")
+        self.check_numbers(numbers)
+        if pbc.any():
+            lengths = np.linalg.norm(cell, axis=1)
+            if np.any(lengths[pbc] == 0.0) or abs(np.linalg.det(cell)) < 1e-12:
+                raise InputError(f"cell: periodic along {pbc.tolist()} but the cell is zero or "
+                                 "degenerate; set the cell vectors or use pbc=False")
+        if edge_index is None:
+            from .neighbors import neighbor_pairs
+            edge_index, shifts = neighbor_pairs(positions, cell, pbc, self.cutoff)
+        else:
+            edge_index = _as_array("edge_index", edge_index, np.int64, (2, None))
+            if shifts is None:
+                shifts = np.zeros((edge_index.shape[1], 3))
+            shifts = _as_array("shifts", shifts, np.float64, (edge_index.shape[1], 3))
+            if edge_index.size and (edge_index.min() < 0 or edge_index.max() >= n_atoms):
+                raise InputError(f"edge_index: indices must be in 0..{n_atoms - 1}")
+        if stress and not self.metadata.get(keys.META_STRESS, False):
+            raise InputError("stress: this model file does not support stress; "
+                             "ask only for energy and forces")
+        dtype = self.dtype
+        dev = self.device
+        out = self.module(torch.as_tensor(positions, dtype=dtype, device=dev),
+                          torch.as_tensor(numbers, device=dev),
+                          torch.as_tensor(cell, dtype=dtype, device=dev),
+                          torch.tensor(np.array(pbc, dtype=bool), device=dev),
+                          torch.as_tensor(edge_index, device=dev),
+                          torch.as_tensor(shifts, dtype=dtype, device=dev),
+                          bool(stress))
+        return {k: v.detach().cpu().numpy() for k, v in out.items()}
+
+    def compute_atoms(self, atoms, stress: bool = False) -> Dict[str, np.ndarray]:
+        """Evaluate an ``ase.Atoms``."""
+        return self.compute(atoms.get_positions(), atoms.get_atomic_numbers(),
+                            np.asarray(atoms.get_cell()), atoms.get_pbc(), stress=stress)
+
+
+def load(path: str | os.PathLike, device: str = "cpu") -> Potential:
+    """Load a model file (TorchScript archive with mlmd metadata) as a :class:`Potential`."""
+    return Potential.load(path, device)
+
+
+def _as_array(name: str, value, dtype, shape) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"{name}: cannot convert to a {np.dtype(dtype).name} array ({exc})") from None
+    if arr.ndim != len(shape) or any(want is not None and got != want for got, want in zip(arr.shape, shape)):
+        want = "[" + ", ".join("N" if (s is None and i == 0) else ("E" if s is None else str(s))
+                               for i, s in enumerate(shape)) + "]"
+        raise InputError(f"{name}: expected shape {want}, got {list(arr.shape)}")
+    return arr

@@ -1,0 +1,260 @@
+"""Contract checks that any mlmd model file (ours or a plugin's) can run.
+
+Each check takes a :class:`mlmd.Potential` and an ``ase.Atoms``, returns the measured
+number(s), and raises ``AssertionError`` with the numbers when a tolerance is given and
+exceeded.  Run the finite-difference and invariance checks in float64
+(``potential.with_dtype("float64")``).  :func:`audit` runs them all on a file and prints
+a verdict (``mlmd audit MODEL``).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from . import keys
+
+__all__ = ["check_output_shapes", "check_forces_finite_difference", "check_translation_invariance",
+           "check_permutation_invariance", "rotation_invariance_error", "check_cutoff_continuity",
+           "check_isolated_atoms", "check_committee_consistency", "random_rotation", "audit"]
+
+
+def _compute(potential, atoms, positions=None, stress=False):
+    pos = atoms.positions if positions is None else positions
+    return potential.compute(pos, atoms.numbers, np.asarray(atoms.cell), atoms.pbc, stress=stress)
+
+
+def random_rotation(rng: np.random.Generator) -> np.ndarray:
+    """A uniformly distributed proper rotation matrix [3,3] (QR of a Gaussian matrix)."""
+    q, r = np.linalg.qr(rng.normal(size=(3, 3)))
+    q = q * np.sign(np.diag(r))
+    if np.linalg.det(q) < 0:
+        q[:, 0] = -q[:, 0]
+    return q
+
+
+def check_output_shapes(potential, atoms) -> Dict[str, tuple]:
+    """Keys, shapes, finiteness; per-atom energies sum to the energy."""
+    out = _compute(potential, atoms)
+    n = len(atoms)
+    expected = {keys.ENERGY: (), keys.FORCES: (n, 3), keys.ENERGIES: (n,)}
+    m = potential.committee_size
+    if m > 1:
+        expected.update({keys.MEMBER_ENERGIES: (m,), keys.MEMBER_FORCES: (m, n, 3), keys.ENERGY_STD: (),
+                         keys.FORCES_STD: (n,), keys.UNCERTAINTY: ()})
+    for key, shape in expected.items():
+        assert key in out, f"output {key!r} missing (got {sorted(out)})"
+        assert out[key].shape == shape, f"output {key!r} has shape {out[key].shape}, expected {shape}"
+        assert np.isfinite(out[key]).all(), f"output {key!r} is not finite"
+    tol = 1e-8 if potential.dtype.itemsize == 8 else 1e-3
+    total = float(out[keys.ENERGIES].sum())
+    assert abs(total - float(out[keys.ENERGY])) <= tol * max(1.0, abs(total)), \
+        f"per-atom energies sum to {total}, energy is {float(out[keys.ENERGY])}"
+    return {k: v.shape for k, v in out.items()}
+
+
+def check_forces_finite_difference(potential, atoms, delta: float = 1e-4, rtol: Optional[float] = 1e-6,
+                                   max_atoms: int = 20) -> float:
+    """max |F_fd - F| / max |F| over the Cartesian components of up to ``max_atoms`` atoms.
+
+    F_fd = -(E(x + δ) - E(x - δ)) / 2δ, δ in Å.  Needs a float64 module for rtol 1e-6.
+    """
+    forces = _compute(potential, atoms)[keys.FORCES]
+    numeric = np.zeros_like(forces)
+    atoms_checked = range(min(len(atoms), max_atoms))
+    for i in atoms_checked:
+        for k in range(3):
+            pos = atoms.positions.copy()
+            pos[i, k] += delta
+            e_plus = float(_compute(potential, atoms, pos)[keys.ENERGY])
+            pos[i, k] -= 2 * delta
+            e_minus = float(_compute(potential, atoms, pos)[keys.ENERGY])
+            numeric[i, k] = -(e_plus - e_minus) / (2 * delta)
+    idx = list(atoms_checked)
+    scale = max(np.abs(forces[idx]).max(), 1e-12)
+    error = float(np.abs(numeric[idx] - forces[idx]).max() / scale)
+    if rtol is not None:
+        assert error <= rtol, f"finite-difference forces differ from forces by relative {error:.3e} > {rtol:.1e}"
+    return error
+
+
+def check_translation_invariance(potential, atoms, atol: Optional[float] = 1e-10, seed: int = 0) -> float:
+    """|E(x + t) - E(x)| for a random translation t (cell kept, positions not wrapped)."""
+    rng = np.random.default_rng(seed)
+    e0 = float(_compute(potential, atoms)[keys.ENERGY])
+    shift = rng.normal(scale=3.0, size=3)
+    e1 = float(_compute(potential, atoms, atoms.positions + shift)[keys.ENERGY])
+    error = abs(e1 - e0)
+    if atol is not None:
+        assert error <= atol, f"translation changed the energy by {error:.3e} eV > {atol:.1e}"
+    return error
+
+
+def check_permutation_invariance(potential, atoms, atol: Optional[float] = 1e-10, seed: int = 0) -> Dict[str, float]:
+    """|ΔE| and max |F_perm - F[perm]| for a random relabelling of the atoms."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(atoms))
+    ref = _compute(potential, atoms)
+    permuted = atoms[perm]
+    out = _compute(potential, permuted)
+    de = abs(float(out[keys.ENERGY]) - float(ref[keys.ENERGY]))
+    df = float(np.abs(out[keys.FORCES] - ref[keys.FORCES][perm]).max())
+    if atol is not None:
+        assert de <= atol, f"permutation changed the energy by {de:.3e} eV > {atol:.1e}"
+        assert df <= max(atol * 1e3, 1e-7), f"permutation changed the forces by {df:.3e} eV/Å"
+    return {"energy": de, "forces": df}
+
+
+def rotation_invariance_error(potential, atoms, n_rotations: int = 100, seed: int = 0) -> Dict[str, float]:
+    """Energy invariance and force equivariance errors over random rotations.
+
+    Returns max and mean |E(Rx) - E(x)| (eV) and max |F(Rx) - R F(x)| (eV/Å).  Exact
+    (float round-off) for exactly equivariant models; for grid-based ones it measures the
+    discretisation of S^2.
+    """
+    rng = np.random.default_rng(seed)
+    ref = _compute(potential, atoms)
+    e0 = float(ref[keys.ENERGY])
+    f0 = ref[keys.FORCES]
+    centre = atoms.positions.mean(axis=0)
+    de, df = [], []
+    for _ in range(n_rotations):
+        rot = random_rotation(rng)
+        rotated = atoms.copy()
+        rotated.positions = (atoms.positions - centre) @ rot.T + centre
+        rotated.cell = np.asarray(atoms.cell) @ rot.T
+        out = _compute(potential, rotated)
+        de.append(abs(float(out[keys.ENERGY]) - e0))
+        df.append(float(np.abs(out[keys.FORCES] - f0 @ rot.T).max()))
+    return {"energy_max": float(np.max(de)), "energy_mean": float(np.mean(de)),
+            "forces_max": float(np.max(df)), "forces_mean": float(np.mean(df)),
+            "energy_scale": float(np.abs(ref[keys.ENERGIES]).mean())}
+
+
+def check_cutoff_continuity(potential, step: float = 1e-5, atol: Optional[float] = 1e-6) -> float:
+    """max |E(rc - step/2) - E(rc + step/2)| over dimers of the model's species (eV)."""
+    from ase import Atoms
+
+    rc = potential.cutoff
+    worst = 0.0
+    species = potential.species
+    for a in species:
+        for b in species:
+            if b < a:
+                continue
+            energies = []
+            for r in (rc - step / 2, rc + step / 2):
+                dimer = Atoms(numbers=[a, b], positions=[[0, 0, 0], [r, 0, 0]])
+                energies.append(float(_compute(potential, dimer)[keys.ENERGY]))
+            worst = max(worst, abs(energies[0] - energies[1]))
+    if atol is not None:
+        assert worst <= atol, f"energy jumps by {worst:.3e} eV across the cutoff (> {atol:.1e})"
+    return worst
+
+
+def check_isolated_atoms(potential, atol: Optional[float] = None) -> Dict[str, float]:
+    """Isolated atoms feel no force; two atoms beyond the cutoff have the sum of their energies."""
+    from ase import Atoms
+
+    tol = atol if atol is not None else (1e-10 if potential.dtype.itemsize == 8 else 1e-4)
+    single = {}
+    max_force = 0.0
+    for z in potential.species:
+        out = _compute(potential, Atoms(numbers=[z], positions=[[0.0, 0.0, 0.0]]))
+        single[z] = float(out[keys.ENERGY])
+        max_force = max(max_force, float(np.abs(out[keys.FORCES]).max()))
+        assert np.isfinite(single[z]), f"isolated atom Z={z} has a non-finite energy"
+    worst = 0.0
+    far = 2.0 * potential.cutoff + 1.0
+    for a in potential.species:
+        for b in potential.species:
+            pair = Atoms(numbers=[a, b], positions=[[0, 0, 0], [far, 0, 0]])
+            e = float(_compute(potential, pair)[keys.ENERGY])
+            worst = max(worst, abs(e - single[a] - single[b]))
+    assert max_force == 0.0, f"an isolated atom feels a force of {max_force:.3e} eV/Å"
+    assert worst <= tol * max(1.0, max(abs(v) for v in single.values())), \
+        f"two atoms beyond the cutoff differ from the sum of isolated energies by {worst:.3e} eV"
+    return {"max_force": max_force, "separated_pair_error": worst}
+
+
+def check_committee_consistency(potential, atoms) -> Dict[str, float]:
+    """Committee outputs agree with their definitions from the member outputs."""
+    out = _compute(potential, atoms)
+    if potential.committee_size == 1:
+        assert keys.ENERGY_STD not in out, "a single model must not report committee statistics"
+        return {"energy_std": 0.0, "uncertainty": 0.0}
+    e_m = out[keys.MEMBER_ENERGIES]
+    f_m = out[keys.MEMBER_FORCES]
+    tol = 1e-9 if potential.dtype.itemsize == 8 else 1e-4
+    scale = max(1.0, float(np.abs(e_m).max()))
+    assert abs(e_m.mean() - out[keys.ENERGY]) <= tol * scale, "energy is not the member mean"
+    assert np.allclose(f_m.mean(0), out[keys.FORCES], atol=tol * 10), "forces are not the member mean"
+    assert abs(e_m.std() - out[keys.ENERGY_STD]) <= tol * scale, "energy_std is not the members' std"
+    sigma = np.sqrt(((f_m - f_m.mean(0)) ** 2).sum(-1).mean(0))
+    assert np.allclose(sigma, out[keys.FORCES_STD], atol=tol * 10), "forces_std is not the members' std"
+    calib = float(potential.metadata.get(keys.META_CALIBRATION, 1.0))
+    assert abs(sigma.max() * calib - out[keys.UNCERTAINTY]) <= tol * 10, "uncertainty != max forces_std x calibration"
+    assert out[keys.ENERGY_STD] > 0.0, "committee members are identical (energy_std = 0)"
+    return {"energy_std": float(out[keys.ENERGY_STD]), "uncertainty": float(out[keys.UNCERTAINTY])}
+
+
+def example_atoms(potential):
+    """The example frame stored in the model file (a training frame), as ase.Atoms."""
+    from ase import Atoms
+
+    frame = potential.metadata.get(keys.META_EXAMPLE)
+    if frame is None:
+        raise ValueError("the model file has no example frame in its metadata; pass atoms explicitly")
+    return Atoms(numbers=frame["numbers"], positions=frame["positions"], cell=frame["cell"], pbc=frame["pbc"])
+
+
+def audit(model, atoms=None, dtype: str = "float64", n_rotations: int = 100, print_report: bool = True) -> Dict:
+    """Run every contract check on a model file and print a verdict table."""
+    from .potential import Potential, load
+
+    potential = model if isinstance(model, Potential) else load(model)
+    potential = potential.with_dtype(dtype)
+    if atoms is None:
+        atoms = example_atoms(potential)
+    fd_tol = 1e-6 if dtype == "float64" else 1e-2
+    inv_tol = 1e-10 if dtype == "float64" else 1e-4
+    checks = [
+        ("output shapes", lambda: check_output_shapes(potential, atoms), lambda v: "ok"),
+        ("forces = -dE/dx (finite differences, rel.)",
+         lambda: check_forces_finite_difference(potential, atoms, rtol=fd_tol), lambda v: f"{v:.2e}"),
+        ("translation |ΔE| eV", lambda: check_translation_invariance(potential, atoms, atol=inv_tol),
+         lambda v: f"{v:.2e}"),
+        ("permutation |ΔE| eV", lambda: check_permutation_invariance(potential, atoms, atol=inv_tol),
+         lambda v: f"{v['energy']:.2e}"),
+        (f"rotation, {n_rotations} random (measured)", lambda: rotation_invariance_error(potential, atoms, n_rotations),
+         lambda v: f"max |ΔE| {v['energy_max']:.2e} eV, max |ΔF| {v['forces_max']:.2e} eV/Å"),
+        ("continuity at the cutoff |ΔE| eV", lambda: check_cutoff_continuity(potential, atol=1e-6 if dtype == "float64" else 1e-4),
+         lambda v: f"{v:.2e}"),
+        ("isolated atoms", lambda: check_isolated_atoms(potential),
+         lambda v: f"force {v['max_force']:.1e}, separated pair {v['separated_pair_error']:.1e} eV"),
+        ("committee consistency", lambda: check_committee_consistency(potential, atoms),
+         lambda v: f"σ_E {v['energy_std']:.2e} eV, σ_F max {v['uncertainty']:.2e} eV/Å"),
+    ]
+    rows = []
+    verdict = "pass"
+    for name, run, fmt in checks:
+        try:
+            value = run()
+            rows.append((name, "pass", fmt(value)))
+        except AssertionError as exc:
+            rows.append((name, "FAIL", str(exc)))
+            verdict = "fail"
+    if print_report:
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=f"mlmd audit ({dtype}): {getattr(potential, 'path', '')}")
+        table.add_column("check")
+        table.add_column("result")
+        table.add_column("measured")
+        for name, status, text in rows:
+            table.add_row(name, f"[green]{status}[/]" if status == "pass" else f"[red]{status}[/]", text)
+        console = Console()
+        console.print(table)
+        console.print(f"verdict: [bold]{verdict.upper()}[/]")
+    return {"verdict": verdict, "checks": rows}

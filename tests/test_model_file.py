@@ -1,0 +1,145 @@
+"""Export, load, metadata and bad input at the public entry points."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import mlmd
+from mlmd import keys
+from mlmd.errors import DataError, InputError, ModelFileError
+
+from conftest import ETHANOL_DATA, make_model
+
+
+def test_export_then_load_in_fresh_process_is_bitwise(tmp_path, ethanol):
+    from mlmd.potential import export
+
+    for dtype in ("float32", "float64"):
+        path = tmp_path / f"m_{dtype}.pt"
+        export(make_model(committee=2, seed=11), path, {"model_family": "ponita"}, dtype=dtype)
+        here = mlmd.load(path).compute_atoms(ethanol)
+        np.save(tmp_path / "pos.npy", ethanol.positions)
+        script = (
+            "import numpy as np, mlmd, ase.io, sys\n"
+            f"atoms = ase.io.read({str(os.path.join(os.path.dirname(ETHANOL_DATA), 'ethanol.xyz'))!r})\n"
+            f"out = mlmd.load({str(path)!r}).compute_atoms(atoms)\n"
+            f"np.savez({str(tmp_path / 'out.npz')!r}, **out)\n")
+        subprocess.run([sys.executable, "-c", script], check=True)
+        there = np.load(tmp_path / "out.npz")
+        assert set(there.files) == set(here)
+        for key in here:
+            assert there[key].dtype == here[key].dtype == np.dtype(dtype)
+            assert np.array_equal(there[key], here[key]), f"{key} differs after reload ({dtype})"
+
+
+def test_metadata_and_info_command(model_file):
+    pot = mlmd.load(model_file)
+    meta = pot.metadata
+    assert meta[keys.META_CONTRACT] == keys.CONTRACT_VERSION
+    assert meta[keys.META_SPECIES] == [1, 6, 8]
+    assert meta[keys.META_COMMITTEE] == 2
+    assert meta[keys.META_CUTOFF] == 4.0
+    assert meta[keys.META_DTYPE] == "float64"
+    out = subprocess.run([sys.executable, "-m", "mlmd.cli", "info", model_file, "--json"],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)[keys.META_COMMITTEE] == 2
+    table = subprocess.run([sys.executable, "-m", "mlmd.cli", "info", model_file],
+                           capture_output=True, text=True, check=True).stdout
+    assert "cutoff" in table and "committee_size" in table
+
+
+def test_not_a_torchscript_archive(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("this is not a model\n")
+    with pytest.raises(ModelFileError, match="not a TorchScript archive"):
+        mlmd.load(path)
+    with pytest.raises(ModelFileError, match="does not exist"):
+        mlmd.load(tmp_path / "missing.pt")
+
+
+def test_archive_without_metadata(tmp_path):
+    path = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(3, 1)), str(path))
+    with pytest.raises(ModelFileError, match="without mlmd metadata"):
+        mlmd.load(path)
+
+
+def test_newer_contract_version_is_refused(tmp_path):
+    from mlmd.potential import export
+
+    path = tmp_path / "future.pt"
+    export(make_model(), path, {keys.META_CONTRACT: "99.0"})
+    with pytest.raises(ModelFileError, match="newer than this mlmd"):
+        mlmd.load(path)
+
+
+def test_unknown_element(potential, ethanol):
+    ethanol.numbers[0] = 26
+    with pytest.raises(InputError, match=r"Fe \(Z=26\).*not in this model's species"):
+        potential.compute_atoms(ethanol)
+
+
+def test_unknown_element_inside_torchscript(potential):
+    """The module itself refuses unknown elements (hosts that bypass the Python wrapper)."""
+    pos = torch.zeros((2, 3), dtype=torch.float64)
+    pos[1, 0] = 1.0
+    args = (pos, torch.tensor([1, 26]), torch.zeros((3, 3), dtype=torch.float64), torch.zeros(3, dtype=torch.bool),
+            torch.tensor([[0, 1], [1, 0]]), torch.zeros((2, 3), dtype=torch.float64), False)
+    with pytest.raises(Exception, match="not among the model's species"):
+        potential.module(*args)
+
+
+def test_nan_positions(potential, ethanol):
+    ethanol.positions[3, 1] = np.nan
+    with pytest.raises(InputError, match=r"positions: NaN or Inf at atom\(s\) \[3\]"):
+        potential.compute_atoms(ethanol)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"positions": np.zeros((4,))}, r"positions: expected shape \[N, 3\], got \[4\]"),
+    ({"positions": np.zeros((4, 2))}, r"positions: expected shape \[N, 3\], got \[4, 2\]"),
+    ({"numbers": np.ones(3, dtype=int)}, r"numbers: expected shape \[4\], got \[3\]"),
+    ({"cell": np.eye(2)}, r"cell: expected shape \[3, 3\]"),
+    ({"edge_index": np.zeros((3, 2), dtype=int)}, r"edge_index: expected shape \[2, E\]"),
+    ({"edge_index": np.array([[0, 7], [1, 0]])}, r"edge_index: indices must be in 0..3"),
+])
+def test_wrong_shapes(potential, kwargs, message):
+    args = {"positions": np.eye(4, 3) * 1.1, "numbers": np.array([1, 1, 6, 8])}
+    args.update(kwargs)
+    with pytest.raises(InputError, match=message):
+        potential.compute(**args)
+
+
+def test_zero_cell_with_pbc(potential, ethanol):
+    ethanol.pbc = True
+    with pytest.raises(InputError, match="cell: periodic"):
+        potential.compute_atoms(ethanol)
+
+
+def test_data_set_without_forces(tmp_path, ethanol):
+    import ase.io
+    from ase.calculators.singlepoint import SinglePointCalculator
+
+    from mlmd.models.data import read_dataset
+
+    ethanol.calc = SinglePointCalculator(ethanol, energy=-1.0)
+    path = tmp_path / "energies_only.extxyz"
+    ase.io.write(path, [ethanol, ethanol])
+    with pytest.raises(DataError, match="frame 0 .* has no forces"):
+        read_dataset(path)
+    ethanol.calc = None
+    ase.io.write(tmp_path / "bare.extxyz", ethanol)
+    with pytest.raises(DataError, match="no energy label"):
+        read_dataset(tmp_path / "bare.extxyz")
+
+
+def test_cli_reports_errors_without_traceback(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "mlmd.cli", "train", str(tmp_path / "none.extxyz"),
+                          "--out", str(tmp_path / "run")], capture_output=True, text=True)
+    assert out.returncode == 2
+    assert "data: file" in out.stderr and "does not exist" in out.stderr
+    assert "Traceback" not in out.stderr

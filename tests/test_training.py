@@ -1,0 +1,90 @@
+"""Training, committee, checkpoints and export on real GFN2-xTB ethanol data."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import mlmd
+from mlmd import keys, testing
+from mlmd.models.train import TrainConfig, train
+
+from conftest import ETHANOL_DATA, SHIPPED_MODEL
+
+TINY = {"channels": 8, "layers": 1, "grid": 6, "basis_width": 8, "cutoff": 4.0}
+
+
+def _config(out, **kw):
+    values = dict(data=ETHANOL_DATA, out=str(out), committee=2, epochs=2, batch_size=10, n_train=40,
+                  n_val=10, n_test=10, progress=False, hyperparameters=TINY, bootstrap=True)
+    values.update(kw)
+    return TrainConfig(**values)
+
+
+def test_train_committee_resume_and_export(tmp_path):
+    first = train(_config(tmp_path, epochs=1))
+    assert len(first["history"]) == 1
+    resumed = train(_config(tmp_path, epochs=3, resume=True))
+    assert [h["epoch"] for h in resumed["history"]] == [1, 2, 3]
+    for name in ("checkpoint.pt", "model.pt", "metrics.json", "parity.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["epoch"] == 3
+    summary = json.load(open(tmp_path / "metrics.json"))["summary"]
+    assert summary["committee"] == 2 and summary["n_test"] == 10
+    # training lowers the loss from its first epoch
+    assert resumed["history"][-1]["train_loss"] < resumed["history"][0]["train_loss"]
+    pot = mlmd.load(tmp_path / "model.pt")
+    assert pot.committee_size == 2
+    assert pot.metadata[keys.META_FINGERPRINT] and len(pot.metadata[keys.META_FINGERPRINT]) == 64
+    atoms = testing.example_atoms(pot)
+    testing.check_committee_consistency(pot, atoms)
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    """Stopping after 1 epoch and resuming gives the same weights as 2 epochs in one go."""
+    train(_config(tmp_path / "a", epochs=2, committee=1, bootstrap=False))
+    train(_config(tmp_path / "b", epochs=1, committee=1, bootstrap=False))
+    train(_config(tmp_path / "b", epochs=2, committee=1, bootstrap=False, resume=True))
+    a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["ema"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["ema"]
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_bad_training_options(tmp_path):
+    from mlmd.errors import InputError
+
+    with pytest.raises(InputError, match="n_train \\+ n_val \\+ n_test = 2000"):
+        train(_config(tmp_path, n_train=1800, n_val=100, n_test=100))
+    with pytest.raises(InputError, match="resume: no checkpoint"):
+        train(_config(tmp_path / "fresh", resume=True))
+
+
+@pytest.mark.skipif(not os.path.exists(SHIPPED_MODEL), reason="shipped model not built yet")
+def test_shipped_ethanol_committee_accuracy_and_contract():
+    """The committed model: held-out GFN2-xTB force MAE below 15% of the data's force std."""
+    from mlmd.models.data import read_dataset
+
+    pot = mlmd.load(SHIPPED_MODEL)
+    info = json.load(open(os.path.join(os.path.dirname(SHIPPED_MODEL), "metrics.json")))
+    frames = read_dataset(ETHANOL_DATA)
+    test_frames = [frames[i] for i in info["split"]["test"]]
+    errors = []
+    for atoms in test_frames:
+        out = pot.compute_atoms(atoms)
+        errors.append(np.abs(out["forces"] - atoms.get_forces()))
+    mae = float(np.mean(errors))
+    all_forces = np.concatenate([frames[i].get_forces().ravel() for i in info["split"]["train"]])
+    std = float(np.std(all_forces))
+    print(f"shipped committee: test force MAE {mae:.4f} eV/Å, data force std {std:.3f} eV/Å "
+          f"({100 * mae / std:.1f}%)")
+    assert mae < 0.15 * std
+    pot64 = pot.with_dtype("float64")
+    atoms = test_frames[0]
+    assert testing.check_forces_finite_difference(pot64, atoms, rtol=1e-6) < 1e-6
+    rot = testing.rotation_invariance_error(pot64, atoms, n_rotations=100)
+    print(f"shipped committee, default grid: max |ΔE| {rot['energy_max']:.2e} eV, "
+          f"max |ΔF| {rot['forces_max']:.2e} eV/Å over 100 rotations")
+    testing.check_committee_consistency(pot, atoms)
