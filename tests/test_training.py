@@ -17,7 +17,8 @@ TINY = {"channels": 8, "layers": 1, "grid": 6, "basis_width": 8, "cutoff": 4.0}
 
 def _config(out, **kw):
     values = dict(data=ETHANOL_DATA, out=str(out), committee=2, epochs=2, batch_size=10, n_train=40,
-                  n_val=10, n_test=10, progress=False, hyperparameters=TINY, bootstrap=True)
+                  n_val=10, n_test=10, progress=False, hyperparameters=TINY, bootstrap=True,
+                  warmup_epochs=0, lr=1e-2)
     values.update(kw)
     return TrainConfig(**values)
 
@@ -45,7 +46,9 @@ def test_train_committee_resume_and_export(tmp_path):
 def test_resume_equals_uninterrupted(tmp_path):
     """Stopping after 1 epoch and resuming gives the same weights as 2 epochs in one go."""
     train(_config(tmp_path / "a", epochs=2, committee=1, bootstrap=False))
-    train(_config(tmp_path / "b", epochs=1, committee=1, bootstrap=False))
+    # a time limit of ~0 stops the run after its first epoch, like a kill after a checkpoint
+    stopped = train(_config(tmp_path / "b", epochs=2, committee=1, bootstrap=False, max_minutes=1e-9))
+    assert stopped["test_metrics_summary"]["stopped_by"] == "time limit"
     train(_config(tmp_path / "b", epochs=2, committee=1, bootstrap=False, resume=True))
     a = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=True)["ema"]
     b = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=True)["ema"]
