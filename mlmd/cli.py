@@ -53,12 +53,18 @@ def _cmd_info(args) -> int:
         print(json.dumps(meta, indent=1))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
+
+    from . import keys
 
     table = Table(title=f"mlmd model {args.model}", show_header=False)
     for key, value in meta.items():
-        text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
-        table.add_row(key, text)
+        if key == keys.META_EXAMPLE and isinstance(value, dict):
+            text = f"{len(value.get('numbers', []))} atoms, pbc {value.get('pbc')} (--json prints it)"
+        else:
+            text = json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+        table.add_row(key, escape(text))
     Console().print(table)
     return 0
 
