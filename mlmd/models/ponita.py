@@ -87,7 +87,6 @@ class MemberLinear(nn.Module):
         for m, gen in enumerate(generators):
             weight[m].normal_(0.0, 1.0 / math.sqrt(n_in), generator=gen)
         self.weight = nn.Parameter(weight.float())
-        self.has_bias = bias
         self.bias = nn.Parameter(torch.zeros(members, 1, n_out)) if bias else None
         self.n_in = n_in
         self.n_out = n_out

@@ -204,12 +204,11 @@ def fit_reference_energies(frames, species: List[int]) -> np.ndarray:
     return solution
 
 
-def dataset_statistics(frames, species: List[int], cutoff: float) -> Dict[str, float]:
-    from ..neighbors import neighbor_pairs
-
-    forces = np.concatenate([np.asarray(a.calc.results[keys.DATA_FORCES]).ravel() for a in frames])
-    neighbours = [neighbor_pairs(a.positions, np.asarray(a.cell), a.pbc, cutoff)[0].shape[1] / max(len(a), 1)
-                  for a in frames]
+def dataset_statistics(frames, graphs: "Graphs", indices: List[int]) -> Dict[str, float]:
+    """Force RMS/std (eV/Å) and mean neighbours per atom of the frames at ``indices``."""
+    forces = np.concatenate([np.asarray(frames[k].calc.results[keys.DATA_FORCES]).ravel() for k in indices])
+    neighbours = [graphs.items[k]["edge_index"].shape[1] / max(graphs.items[k]["species"].shape[0], 1)
+                  for k in indices]
     return {"force_rms": float(np.sqrt(np.mean(forces ** 2))),
             "force_std": float(np.std(forces)),
             "avg_num_neighbors": float(max(np.mean(neighbours), 1.0))}
@@ -267,11 +266,13 @@ def train(config: TrainConfig) -> Dict:
             raise InputError("resume: the data set or split options differ from the checkpoint's; "
                              "use the same data and --n-train/--n-val/--n-test/--seed")
         init = resume_state["model_init"]
+        graphs = Graphs(frames, init["species"], float(init["hyperparameters"]["cutoff"]), dtype)
     else:
         species = sorted({int(z) for a in frames for z in a.numbers})
         hp = dict(DEFAULT_HYPERPARAMETERS)
         hp.update(config.hyperparameters)
-        stats = dataset_statistics(train_frames, species, float(hp["cutoff"]))
+        graphs = Graphs(frames, species, float(hp["cutoff"]), dtype)
+        stats = dataset_statistics(frames, graphs, split["train"])
         init = {"species": species, "committee": config.committee, "seed": config.seed,
                 "hyperparameters": hp,
                 "energy_shift": fit_reference_energies(train_frames, species).tolist(),
@@ -279,7 +280,6 @@ def train(config: TrainConfig) -> Dict:
                 "force_std": stats["force_std"]}
     model = build_model(init).to(dtype)
     scale = float(init["energy_scale"])
-    graphs = Graphs(frames, init["species"], model.cutoff, dtype)
     members = model.committee_size
 
     generator = torch.Generator().manual_seed(config.seed)
