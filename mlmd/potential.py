@@ -43,6 +43,8 @@ class PotentialModule(nn.Module):
             species_map[int(z)] = index
         self.register_buffer("species_map", species_map)
         self.calibration_factor = float(calibration_factor)
+        # follows .to(dtype) like the model's weights, whatever the model family calls them
+        self.register_buffer("dtype_probe", torch.zeros(()))
 
     def forward(self, positions: Tensor, numbers: Tensor, cell: Tensor, pbc: Tensor,
                 edge_index: Tensor, shifts: Tensor, compute_stress: bool = False) -> Dict[str, Tensor]:
@@ -65,7 +67,7 @@ class PotentialModule(nn.Module):
         if compute_stress and not self.supports_stress:
             raise ValueError("compute_stress: this model does not support stress")
 
-        dtype = self.model.grid.dtype
+        dtype = self.dtype_probe.dtype
         positions = positions.to(dtype)
         vectors = (torch.index_select(positions, 0, edge_index[1])
                    - torch.index_select(positions, 0, edge_index[0]) + shifts.to(dtype))
@@ -101,13 +103,18 @@ class PotentialModule(nn.Module):
 
 def export(model: nn.Module, path: str | os.PathLike, metadata: Dict[str, Any],
            dtype: str = "float64", calibration_factor: float = 1.0) -> str:
-    """Script ``model`` (a :class:`~mlmd.models.ponita.PonitaPotential`) and save it with metadata."""
+    """Script ``model`` and save it with metadata.
+
+    ``model`` is any module with ``species``, ``cutoff``, ``committee_size`` and
+    ``energy_and_forces(edge_vectors, species_index, edge_index, compute_virial, create_graph)``
+    (see :class:`~mlmd.models.ponita.PonitaPotential` and :class:`~mlmd.models.pair.MorsePotential`).
+    """
     if dtype not in _DTYPES:
         raise InputError(f"dtype: expected one of {sorted(_DTYPES)}, got {dtype!r}")
     import copy
 
-    model = copy.deepcopy(model).to(_DTYPES[dtype]).eval()
-    module = PotentialModule(model, list(model.species), calibration_factor)
+    model = copy.deepcopy(model).eval()
+    module = PotentialModule(model, list(model.species), calibration_factor).to(_DTYPES[dtype])
     scripted = torch.jit.script(module)
     meta = dict(metadata)
     meta.setdefault(keys.META_CONTRACT, keys.CONTRACT_VERSION)

@@ -37,6 +37,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from .forces import edge_forces
+
 DEFAULT_HYPERPARAMETERS: Dict[str, float] = {
     "cutoff": 5.0,          # Å
     "channels": 32,         # C, features per orientation
@@ -269,14 +271,4 @@ class PonitaPotential(nn.Module):
         n_atoms = species_index.shape[0]
         vectors = edge_vectors.detach().unsqueeze(0).repeat(members, 1, 1).requires_grad_(True)
         atom_energy = self.forward(vectors, species_index, edge_index)
-        grads = torch.autograd.grad([atom_energy.sum()], [vectors], create_graph=create_graph,
-                                    allow_unused=True)
-        dE_dd = grads[0]
-        if dE_dd is None:
-            dE_dd = torch.zeros_like(vectors)
-        forces = torch.zeros((members, n_atoms, 3), dtype=vectors.dtype, device=vectors.device)
-        forces = forces.index_add(1, edge_index[0], dE_dd).index_add(1, edge_index[1], -dE_dd)
-        result: Dict[str, Tensor] = {"atom_energy": atom_energy, "forces": forces}
-        if compute_virial:
-            result["virial"] = -torch.einsum("mei,mej->mij", vectors, dE_dd)
-        return result
+        return edge_forces(atom_energy, vectors, edge_index, n_atoms, compute_virial, create_graph)

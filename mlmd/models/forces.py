@@ -1,0 +1,31 @@
+"""Forces and virial from per-edge gradients, shared by every built-in model family.
+
+The models see only edge vectors d_e = x_j - x_i + shift_e, so one backward pass through
+them gives F_i = -dE/dx_i = sum_{e=(i,.)} dE/dd_e - sum_{e=(.,i)} dE/dd_e, and the virial
+W = -sum_e d_e (x) dE/dd_e, for all committee members at once.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+
+def edge_forces(atom_energy: Tensor, vectors: Tensor, edge_index: Tensor, n_atoms: int,
+                compute_virial: bool, create_graph: bool) -> Dict[str, Tensor]:
+    """atom_energy [M,N] eV computed from vectors [M,E,3] Å (requires_grad).
+
+    Returns atom_energy [M,N], forces [M,N,3] eV/Å and, if asked, virial [M,3,3] eV.
+    """
+    grads = torch.autograd.grad([atom_energy.sum()], [vectors], create_graph=create_graph,
+                                allow_unused=True)
+    dE_dd = grads[0]
+    if dE_dd is None:   # no pairs inside the cutoff
+        dE_dd = torch.zeros_like(vectors)
+    forces = torch.zeros((vectors.shape[0], n_atoms, 3), dtype=vectors.dtype, device=vectors.device)
+    forces = forces.index_add(1, edge_index[0], dE_dd).index_add(1, edge_index[1], -dE_dd)
+    result: Dict[str, Tensor] = {"atom_energy": atom_energy, "forces": forces}
+    if compute_virial:
+        result["virial"] = -torch.einsum("mei,mej->mij", vectors, dE_dd)
+    return result
