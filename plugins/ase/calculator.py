@@ -1,0 +1,230 @@
+"""ASE calculator for mlmd model files.
+
+Units are ASE's and mlmd's (Å, eV, amu), so nothing is converted at this boundary: energy
+eV, forces [N,3] eV/Å, stress Voigt [6] eV/Å^3 (ASE order xx, yy, zz, yz, xz, xy and ASE
+sign, positive under tension), per-atom energies [N] eV.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+from ase.calculators.calculator import Calculator, all_changes
+from ase.stress import full_3x3_to_voigt_6_stress
+
+from mlmd import keys
+from mlmd.errors import InputError
+from mlmd.potential import Potential
+
+__all__ = ["MLMDCalculator"]
+
+
+def _load_potential(model, device: Optional[str], dtype: Optional[str]) -> Potential:
+    """A :class:`Potential` from a path or an existing one, on ``device`` and in ``dtype``."""
+    if isinstance(model, Potential):
+        potential = model
+        if device is not None and device != potential.device:
+            if not potential.path:
+                raise InputError(f"device: the Potential lives on {potential.device!r} and has no "
+                                 f"file to reload on {device!r}; load it with mlmd.load(path, "
+                                 f"device={device!r}) or leave device unset")
+            potential = Potential.load(potential.path, device)
+    elif isinstance(model, (str, os.PathLike)):
+        potential = Potential.load(model, device or "cpu")
+    else:
+        raise InputError(f"model: expected a model file path or an mlmd.Potential, got "
+                         f"{type(model).__name__}")
+    if dtype is not None and dtype != potential.metadata[keys.META_DTYPE]:
+        potential = potential.with_dtype(dtype)
+    return potential
+
+
+class MLMDCalculator(Calculator):
+    """Energy, forces, stress and committee uncertainty of an mlmd model for ASE.
+
+    Parameters
+    ----------
+    model : str, os.PathLike or mlmd.Potential
+        A model file (``mlmd export``) or an already loaded potential.
+    device : str, optional
+        Torch device of the model ("cpu", "cuda", ...).  Default: the Potential's own device,
+        or "cpu" when ``model`` is a path.
+    dtype : {"float32", "float64"}, optional
+        Precision to evaluate in; default the file's.  Use "float64" for finite-difference checks.
+    skin : float
+        Verlet skin in Å.  With ``skin > 0`` and :class:`mlmd.neighbors.VerletList` available,
+        pairs within ``cutoff + skin`` are kept between steps and rebuilt only when an atom has
+        moved more than ``skin / 2``; pairs beyond the cutoff contribute exactly zero because
+        the model's envelope vanishes there.  Without a Verlet list, pairs are rebuilt every call.
+    **kwargs
+        Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``...).
+
+    Results (``calc.results`` after a calculation)
+    ----------------------------------------------
+    energy, free_energy : float, eV
+    forces : [N, 3] eV/Å
+    energies : [N] eV (per-atom energies, summing to ``energy``)
+    stress : [6] eV/Å^3, Voigt order, only for 3D-periodic cells when asked for
+    energy_std : float eV, forces_std : [N] eV/Å, uncertainty : float eV/Å (committees only)
+
+    Unchanged atoms are not recomputed (ASE's ``check_state``).
+    """
+
+    implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+    default_parameters: dict = {}
+
+    def __init__(self, model, device: Optional[str] = None, dtype: Optional[str] = None,
+                 skin: float = 0.0, **kwargs):
+        super().__init__(**kwargs)
+        if skin < 0:
+            raise InputError(f"skin: must be >= 0 Å, got {skin}")
+        self.potential = _load_potential(model, device, dtype)
+        self.skin = float(skin)
+        self._module = self.potential.module
+        self._device = torch.device(self.potential.device)
+        self._committee = self.potential.committee_size > 1
+        self._supports_stress = bool(self.potential.metadata.get(keys.META_STRESS, False))
+        self._verlet_cls = None
+        if self.skin > 0:
+            self._verlet_cls = _verlet_list_class()
+        self._verlet = None
+        # per-system inputs: validated and turned into tensors again only when they change
+        self._numbers = None        # numpy copy of the validated atomic numbers
+        self._numbers_t = None
+        self._pbc_t = None
+        self._cell_ok = None        # (cell, pbc) last validated
+        #: number of model evaluations done (check_state caching skips unchanged atoms)
+        self.n_evaluations = 0
+
+    # ---- ASE protocol ---------------------------------------------------------------------
+    def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+        """Evaluate ``atoms`` (or the stored copy) and fill ``self.results``."""
+        # Calculator.calculate would store a second copy (get_property has just made one) and
+        # stat the working directory; we write no files, so keep one copy, made only when the
+        # stored atoms differ from the ones given
+        if atoms is not None and (self.atoms is None or self.check_state(atoms)):
+            self.atoms = atoms.copy()
+        atoms = self.atoms
+        if atoms is None:
+            raise InputError("atoms: no atoms to calculate; pass atoms or attach the calculator "
+                             "(atoms.calc = calc) and call atoms.get_forces()")
+        positions = atoms.arrays["positions"]
+        numbers = atoms.arrays["numbers"]
+        cell = atoms.cell.array
+        pbc = atoms.pbc
+
+        if self._numbers is None or not np.array_equal(numbers, self._numbers):
+            self.potential.check_numbers(numbers)
+            self._numbers = numbers.copy()
+            self._numbers_t = torch.as_tensor(self._numbers, dtype=torch.int64, device=self._device)
+            self._verlet = None
+        if not np.isfinite(positions).all():
+            bad = np.unique(np.nonzero(~np.isfinite(positions))[0])
+            raise InputError(f"atoms.positions: NaN or Inf at atom(s) {bad[:10].tolist()}; "
+                             "check the structure or the step that produced it")
+        if (self._cell_ok is None or not np.array_equal(cell, self._cell_ok[0])
+                or not np.array_equal(pbc, self._cell_ok[1])):
+            self._check_cell(cell, pbc)
+            self._cell_ok = (cell.copy(), pbc.copy())
+            self._pbc_t = torch.as_tensor(pbc, dtype=torch.bool, device=self._device)
+            # a cell change (NPT, strain) may invalidate the images the Verlet list chose
+            self._verlet = None
+
+        want_stress = "stress" in properties
+        if want_stress:
+            if not pbc.all():
+                raise InputError(
+                    f"properties: 'stress' needs a 3D-periodic cell but atoms.pbc is {pbc.tolist()}; "
+                    "set atoms.pbc = True with a cell (atoms.set_cell), or ask only for energy and forces")
+            if not self._supports_stress:
+                raise InputError("properties: this model file does not support stress; "
+                                 "ask only for energy and forces")
+
+        edge_index, shifts = self._pairs(positions, cell, pbc)
+        dev = self._device
+        # float64 views of the numpy arrays; the module casts to its own dtype, as
+        # Potential.compute's inputs would be
+        out = self._module(torch.as_tensor(positions, device=dev), self._numbers_t,
+                           torch.as_tensor(cell, device=dev), self._pbc_t,
+                           torch.as_tensor(edge_index, device=dev), torch.as_tensor(shifts, device=dev),
+                           want_stress)
+        self.n_evaluations += 1
+
+        energy = float(out[keys.ENERGY].detach())
+        results = {
+            "energy": energy,
+            "free_energy": energy,
+            "forces": _numpy64(out[keys.FORCES]),
+            "energies": _numpy64(out[keys.ENERGIES]),
+        }
+        if want_stress:
+            results["stress"] = full_3x3_to_voigt_6_stress(_numpy64(out[keys.STRESS]))
+        if self._committee:
+            results[keys.ENERGY_STD] = float(out[keys.ENERGY_STD].detach())
+            results[keys.FORCES_STD] = _numpy64(out[keys.FORCES_STD])
+            results[keys.UNCERTAINTY] = float(out[keys.UNCERTAINTY].detach())
+        self.results = results
+
+    def check_state(self, atoms, tol: float = 1e-15):
+        """What changed since the last calculation, among the inputs the model depends on.
+
+        ASE's ``compare_atoms`` walks every per-atom array (about 140 us at N=100, more than a
+        small model's step); the model reads only positions, numbers, cell and pbc, so only
+        these are compared (same names and absolute tolerance as ASE's).
+        """
+        old = self.atoms
+        if old is None:
+            return list(all_changes)
+        changes = []
+        for name in ("positions", "numbers"):
+            if not _equal(old.arrays[name], atoms.arrays[name], tol):
+                changes.append(name)
+        if not _equal(old.cell.array, atoms.cell.array, tol):
+            changes.append("cell")
+        if not np.array_equal(old.pbc, atoms.pbc):
+            changes.append("pbc")
+        return changes
+
+    # ---- helpers --------------------------------------------------------------------------
+    def _check_cell(self, cell: np.ndarray, pbc: np.ndarray) -> None:
+        # same rule as Potential.compute, so both paths accept the same structures
+        if pbc.any():
+            lengths = np.linalg.norm(cell, axis=1)
+            if np.any(lengths[pbc] == 0.0) or abs(np.linalg.det(cell)) < 1e-12:
+                raise InputError(f"atoms.cell: periodic along {pbc.tolist()} but the cell is zero or "
+                                 "degenerate; set the cell (atoms.set_cell) or use atoms.pbc = False")
+
+    def _pairs(self, positions, cell, pbc):
+        if self._verlet_cls is not None:
+            if self._verlet is None:
+                self._verlet = self._verlet_cls(self.potential.cutoff, self.skin)
+            return self._verlet.update(positions, cell, pbc)
+        from mlmd.neighbors import neighbor_pairs
+        return neighbor_pairs(positions, cell, pbc, self.potential.cutoff)
+
+    def __repr__(self) -> str:
+        return (f"MLMDCalculator({self.potential.path or '<Potential>'!r}, device={self.potential.device!r}, "
+                f"dtype={self.potential.metadata[keys.META_DTYPE]!r}, skin={self.skin})")
+
+
+def _equal(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
+    if a.shape != b.shape:
+        return False
+    return bool(np.array_equal(a, b) or (tol > 0 and np.abs(a - b).max() <= tol))
+
+
+def _verlet_list_class():
+    """mlmd.neighbors.VerletList if it offers ``update(positions, cell, pbc)``, else None."""
+    try:
+        from mlmd.neighbors import VerletList
+    except ImportError:
+        return None
+    # without it, pairs are rebuilt every call: correct, only slower
+    return VerletList if callable(getattr(VerletList, "update", None)) else None
+
+
+def _numpy64(tensor: torch.Tensor) -> np.ndarray:
+    # float64 outputs come back as views; float32 models are upcast once for ASE's integrators
+    return np.asarray(tensor.detach().cpu().numpy(), dtype=np.float64)

@@ -1,0 +1,15 @@
+"""mlmd in OpenMM.
+
+:func:`create_python_force` wraps a model file in an ``openmm.PythonForce`` (needs only
+``openmm``; the model runs in this Python process, on the caller's neighbour list):
+
+>>> import torch, openmm
+>>> from mlmd.plugins.openmm import create_python_force
+>>> system.addForce(create_python_force("model.pt", topology))            # whole system
+>>> system.addForce(create_python_force("model.pt", topology, atoms=ligand))  # ML/MM region
+
+``openmm`` is imported only when a force is created, with an install hint if it is missing.
+"""
+from .python_force import MLMDComputation, create_python_force
+
+__all__ = ["create_python_force", "MLMDComputation"]

@@ -1,0 +1,342 @@
+"""Host adapters: the ASE calculator and OpenMM's PythonForce give Potential.compute's numbers."""
+import numpy as np
+import pytest
+
+from mlmd import units
+from mlmd.errors import InputError
+
+from conftest import SHIPPED_MODEL
+
+# ---- helpers ----------------------------------------------------------------------------
+
+
+def reference(potential, atoms, stress=False):
+    return potential.compute(atoms.positions, atoms.numbers, np.asarray(atoms.cell), atoms.pbc,
+                             stress=stress)
+
+
+def unwrapped(atoms, seed=0):
+    """The same frame with every atom moved by a random lattice vector."""
+    rng = np.random.default_rng(seed)
+    moved = atoms.copy()
+    moved.positions += rng.integers(-2, 3, size=(len(atoms), 3)) @ np.asarray(atoms.cell)
+    return moved
+
+
+def energy_at(calc, atoms, positions=None, cell=None):
+    frame = atoms.copy()
+    if cell is not None:
+        frame.set_cell(cell, scale_atoms=True)
+    if positions is not None:
+        frame.positions = positions
+    frame.calc = calc
+    return frame.get_potential_energy()
+
+
+def numerical_forces(calc, atoms, h):
+    """-dE/dx by central differences, [N, 3] eV/Å."""
+    forces = np.zeros((len(atoms), 3))
+    for i in range(len(atoms)):
+        for k in range(3):
+            plus, minus = atoms.positions.copy(), atoms.positions.copy()
+            plus[i, k] += h
+            minus[i, k] -= h
+            forces[i, k] = -(energy_at(calc, atoms, plus) - energy_at(calc, atoms, minus)) / (2 * h)
+    return forces
+
+
+def numerical_stress(calc, atoms, h):
+    """(1/V) dE/d(epsilon) under symmetric strain, atoms moving with the cell; Voigt [6] eV/Å^3."""
+    cell = np.asarray(atoms.cell)
+    stress = np.zeros(6)
+    for v, (i, j) in enumerate([(0, 0), (1, 1), (2, 2), (1, 2), (0, 2), (0, 1)]):
+        strain = np.zeros((3, 3))
+        strain[i, j] += 0.5 * h
+        strain[j, i] += 0.5 * h
+        plus = energy_at(calc, atoms, cell=cell @ (np.eye(3) + strain))
+        minus = energy_at(calc, atoms, cell=cell @ (np.eye(3) - strain))
+        stress[v] = (plus - minus) / (2 * h) / atoms.get_volume()
+    return stress
+
+
+def is_reduced_form(cell):
+    """OpenMM's triclinic box requirement (rows a, b, c in any length unit)."""
+    a, b, c = np.asarray(cell)
+    return (a[1] == a[2] == b[2] == 0.0 and a[0] > 0 and b[1] > 0 and c[2] > 0
+            and a[0] >= 2 * abs(b[0]) and a[0] >= 2 * abs(c[0]) and b[1] >= 2 * abs(c[1]))
+
+
+@pytest.fixture()
+def calc(potential):
+    from mlmd.plugins.ase import MLMDCalculator
+
+    return MLMDCalculator(potential)
+
+
+# ---- ASE ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frame", ["ethanol", "periodic_triclinic"])
+def test_ase_matches_potential(calc, potential, frame, request):
+    atoms = request.getfixturevalue(frame)
+    periodic = bool(atoms.pbc.all())
+    ref = reference(potential, atoms, stress=periodic)
+    atoms.calc = calc
+    assert atoms.get_potential_energy() == pytest.approx(float(ref["energy"]), rel=1e-10)
+    np.testing.assert_allclose(atoms.get_forces(), ref["forces"], rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(atoms.get_potential_energies(), ref["energies"], rtol=1e-10, atol=1e-12)
+    if periodic:
+        from ase.stress import full_3x3_to_voigt_6_stress
+
+        np.testing.assert_allclose(atoms.get_stress(), full_3x3_to_voigt_6_stress(ref["stress"]),
+                                   rtol=1e-10, atol=1e-12)
+
+
+def test_ase_unwrapped_coordinates(calc, periodic_triclinic):
+    atoms = periodic_triclinic
+    atoms.calc = calc
+    energy, forces = atoms.get_potential_energy(), atoms.get_forces()
+    moved = unwrapped(atoms)
+    moved.calc = calc
+    assert moved.get_potential_energy() == pytest.approx(energy, rel=1e-12)
+    np.testing.assert_allclose(moved.get_forces(), forces, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("frame", ["ethanol", "periodic_triclinic"])
+def test_ase_forces_are_finite_differences(calc, frame, request):
+    atoms = request.getfixturevalue(frame)
+    atoms.calc = calc
+    forces = atoms.get_forces()
+    numerical = numerical_forces(calc, atoms, h=1e-4)
+    np.testing.assert_allclose(forces, numerical, rtol=0, atol=1e-6)
+
+
+def test_ase_stress_is_finite_difference_of_strain(calc, periodic_triclinic):
+    atoms = periodic_triclinic
+    atoms.calc = calc
+    stress = atoms.get_stress()
+    numerical = numerical_stress(calc, atoms, h=1e-5)
+    assert np.abs(stress).max() > 1e-4     # a real test, not 0 == 0
+    np.testing.assert_allclose(stress, numerical, rtol=0, atol=1e-7)
+
+
+def test_ase_caches_unchanged_atoms(calc, ethanol):
+    ethanol.calc = calc
+    start = calc.n_evaluations
+    energy = ethanol.get_potential_energy()
+    ethanol.get_forces()
+    ethanol.get_potential_energy()
+    ethanol.get_potential_energies()
+    assert calc.n_evaluations == start + 1
+    ethanol.positions[0, 0] += 0.01
+    assert ethanol.get_potential_energy() != energy
+    assert calc.n_evaluations == start + 2
+
+
+def test_ase_committee_results(calc, potential, ethanol):
+    ethanol.calc = calc
+    ethanol.get_forces()
+    ref = reference(potential, ethanol)
+    assert calc.results["uncertainty"] == pytest.approx(float(ref["uncertainty"]), rel=1e-10)
+    assert calc.results["energy_std"] == pytest.approx(float(ref["energy_std"]), rel=1e-10)
+    assert calc.results["forces_std"].shape == (len(ethanol),)
+    assert calc.results["free_energy"] == calc.results["energy"]
+
+
+def test_ase_loads_a_path_and_casts_dtype(model_file, ethanol):
+    from mlmd.plugins.ase import MLMDCalculator
+
+    calc = MLMDCalculator(model_file, dtype="float32")
+    ethanol.calc = calc
+    assert calc.potential.dtype.itemsize == 4
+    assert np.isfinite(ethanol.get_potential_energy())
+    assert ethanol.get_forces().dtype == np.float64   # ASE's integrators get float64 either way
+
+
+def test_ase_bad_inputs_name_the_argument(calc, ethanol, periodic_triclinic):
+    from ase import Atoms
+
+    bad = ethanol.copy()
+    bad.numbers[0] = 14
+    bad.calc = calc
+    with pytest.raises(InputError, match=r"numbers.*Si"):
+        bad.get_potential_energy()
+
+    bad = ethanol.copy()
+    bad.positions[3, 1] = np.nan
+    bad.calc = calc
+    with pytest.raises(InputError, match=r"positions.*\[3\]"):
+        bad.get_potential_energy()
+
+    bad = Atoms(ethanol.numbers, ethanol.positions, pbc=True)   # cell left at zero
+    bad.calc = calc
+    with pytest.raises(InputError, match=r"cell.*pbc"):
+        bad.get_potential_energy()
+
+    ethanol.calc = calc
+    with pytest.raises(InputError, match=r"stress.*pbc"):
+        ethanol.get_stress()
+
+    with pytest.raises(InputError, match="model"):
+        from mlmd.plugins.ase import MLMDCalculator
+        MLMDCalculator(42)
+
+
+def test_ase_velocity_verlet_runs(ethanol):
+    from ase import units as ase_units
+    from ase.md.verlet import VelocityVerlet
+
+    from mlmd.plugins.ase import MLMDCalculator
+
+    ethanol.calc = MLMDCalculator(SHIPPED_MODEL)
+    rng = np.random.default_rng(0)
+    masses = ethanol.get_masses()[:, None]
+    ethanol.set_momenta(rng.normal(size=(len(ethanol), 3)) * np.sqrt(masses * ase_units.kB * 300.0))
+    dyn = VelocityVerlet(ethanol, timestep=0.5 * ase_units.fs)
+    energies = []
+    dyn.attach(lambda: energies.append(ethanol.get_total_energy()), interval=1)
+    dyn.run(20)
+    assert len(energies) == 21 and np.isfinite(energies).all()
+    assert np.isfinite(ethanol.calc.results["uncertainty"])
+
+
+# ---- OpenMM -------------------------------------------------------------------------------
+
+
+def _openmm():
+    pytest.importorskip("torch")    # torch before anything that may pull in openmmtorch
+    return pytest.importorskip("openmm")
+
+
+def _context(atoms, force, platform, masses=None):
+    openmm = _openmm()
+    system = openmm.System()
+    for mass in atoms.get_masses() if masses is None else masses:
+        system.addParticle(float(mass))
+    if atoms.pbc.all():
+        vectors = [openmm.Vec3(*row) for row in np.asarray(atoms.cell) * units.ANGSTROM_TO_NM]
+        system.setDefaultPeriodicBoxVectors(*vectors)
+    system.addForce(force)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.0005),
+                             openmm.Platform.getPlatformByName(platform))
+    return context
+
+
+def _energy_forces(context, positions_angstrom):
+    context.setPositions(np.asarray(positions_angstrom) * units.ANGSTROM_TO_NM)
+    state = context.getState(getEnergy=True, getForces=True, getPositions=True)
+    energy = state.getPotentialEnergy()._value * units.KJ_PER_MOL_TO_EV
+    forces = state.getForces(asNumpy=True)._value * units.KJ_PER_MOL_NM_TO_EV_PER_ANGSTROM
+    positions = state.getPositions(asNumpy=True)._value * units.NM_TO_ANGSTROM
+    return energy, forces, positions
+
+
+def test_triclinic_fixture_is_openmm_reduced_form(periodic_triclinic):
+    assert is_reduced_form(periodic_triclinic.cell)
+
+
+@pytest.mark.parametrize("platform", ["Reference", "CPU"])
+@pytest.mark.parametrize("frame", ["ethanol", "periodic_triclinic", "unwrapped_triclinic"])
+def test_openmm_matches_potential(potential, platform, frame, request):
+    from mlmd.plugins.openmm import create_python_force
+
+    atoms = request.getfixturevalue("periodic_triclinic" if frame == "unwrapped_triclinic" else frame)
+    ref = reference(potential, atoms)
+    if frame == "unwrapped_triclinic":
+        atoms = unwrapped(atoms)
+    force = create_python_force(potential, atoms.numbers, periodic=bool(atoms.pbc.all()))
+    assert force.usesPeriodicBoundaryConditions() == bool(atoms.pbc.all())
+    context = _context(atoms, force, platform)
+    energy, forces, _ = _energy_forces(context, atoms.positions)
+    # PythonForce hands double-precision positions to Python and sums its forces in double on
+    # both platforms (measured ~1e-14 relative); the margin allows for other summation orders
+    scale = np.abs(ref["forces"]).max()
+    assert energy == pytest.approx(float(ref["energy"]), rel=1e-10)
+    np.testing.assert_allclose(forces, ref["forces"], rtol=0, atol=1e-9 * scale)
+
+
+def test_openmm_reference_platform_is_exact(potential, periodic_triclinic):
+    """On the double-precision platform, the force is Potential.compute on OpenMM's positions."""
+    from mlmd.plugins.openmm import create_python_force
+
+    atoms = periodic_triclinic
+    context = _context(atoms, create_python_force(potential, atoms.numbers, periodic=True), "Reference")
+    energy, forces, positions = _energy_forces(context, atoms.positions)
+    ref = potential.compute(positions, atoms.numbers, np.asarray(atoms.cell), atoms.pbc)
+    assert energy == pytest.approx(float(ref["energy"]), rel=1e-12)
+    np.testing.assert_allclose(forces, ref["forces"], rtol=1e-10, atol=1e-10)
+
+
+def test_openmm_ml_region_and_topology(potential, ethanol):
+    _openmm()
+    from openmm import app
+
+    from mlmd.plugins.openmm import create_python_force
+
+    # two extra particles (an MM region without forces of its own) before the ML molecule
+    topology = app.Topology()
+    residue = topology.addResidue("MM", topology.addChain())
+    for _ in range(2):
+        topology.addAtom("Ar", app.Element.getBySymbol("Ar"), residue)
+    residue = topology.addResidue("ETH", topology.addChain())
+    for index, symbol in enumerate(ethanol.get_chemical_symbols()):
+        topology.addAtom(f"{symbol}{index}", app.Element.getBySymbol(symbol), residue)
+    ml_atoms = list(range(2, 2 + len(ethanol)))
+
+    with pytest.raises(InputError, match=r"numbers.*Ar"):
+        create_python_force(potential, topology)            # argon is not in the model
+    force = create_python_force(potential, topology, atoms=ml_atoms)
+    assert not force.usesPeriodicBoundaryConditions()       # the topology has no box
+    assert list(force.getParticles()) == ml_atoms
+
+    context = _context(ethanol, force, "Reference", masses=[39.95, 39.95] + list(ethanol.get_masses()))
+    positions = np.vstack([[[8.0, 8.0, 8.0], [-8.0, 8.0, 8.0]], ethanol.positions])
+    energy, forces, _ = _energy_forces(context, positions)
+    ref = reference(potential, ethanol)
+    assert energy == pytest.approx(float(ref["energy"]), rel=1e-12)
+    np.testing.assert_array_equal(forces[:2], 0.0)
+    np.testing.assert_allclose(forces[2:], ref["forces"], rtol=1e-10, atol=1e-10)
+    assert force.computation.uncertainty == pytest.approx(float(ref["uncertainty"]), rel=1e-10)
+
+
+def test_openmm_bad_inputs(potential, ethanol):
+    _openmm()
+    from mlmd.plugins.openmm import create_python_force
+
+    with pytest.raises(InputError, match="numbers.*Si"):
+        create_python_force(potential, [14] + list(ethanol.numbers[1:]))
+    with pytest.raises(InputError, match="atoms"):
+        create_python_force(potential, ethanol.numbers, atoms=[0, 99])
+    with pytest.raises(InputError, match="topology_or_numbers"):
+        create_python_force(potential, np.zeros((3, 3), int))
+    # numbers for fewer particles than the System has: caught at the first evaluation
+    force = create_python_force(potential, ethanol.numbers[:5])
+    context = _context(ethanol, force, "Reference")
+    with pytest.raises(Exception, match="topology_or_numbers"):
+        _energy_forces(context, ethanol.positions)
+
+
+def test_openmm_system_serialises_and_reloads_the_model(model_file, ethanol):
+    openmm = _openmm()
+    from mlmd.plugins.openmm import create_python_force
+
+    context = _context(ethanol, create_python_force(model_file, ethanol.numbers), "Reference")
+    energy, _, _ = _energy_forces(context, ethanol.positions)
+    system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(context.getSystem()))
+    copy = openmm.Context(system, openmm.VerletIntegrator(0.0005),
+                          openmm.Platform.getPlatformByName("Reference"))
+    assert _energy_forces(copy, ethanol.positions)[0] == pytest.approx(energy, rel=1e-12)
+
+
+def test_openmm_verlet_run(ethanol):
+    openmm = _openmm()
+    from mlmd.plugins.openmm import create_python_force
+
+    context = _context(ethanol, create_python_force(SHIPPED_MODEL, ethanol.numbers), "CPU")
+    context.setPositions(ethanol.positions * units.ANGSTROM_TO_NM)
+    context.setVelocitiesToTemperature(300, 1)
+    context.getIntegrator().step(20)
+    state = context.getState(getEnergy=True, getPositions=True)
+    total = (state.getPotentialEnergy() + state.getKineticEnergy())._value
+    assert np.isfinite(total)
+    assert np.isfinite(state.getPositions(asNumpy=True)._value).all()
