@@ -1,15 +1,20 @@
 """Neighbour pairs in the contract's format (see :mod:`mlmd.keys`).
 
-This first version delegates to ASE's ``primitive_neighbor_list`` (a well-tested
-O(N) cell list that handles open, mixed and triclinic periodic boundaries and cells
-smaller than the cutoff); the Numba cell list and the Verlet skin of the internal
-engine plug in behind the same function.
+:func:`neighbor_list` is an O(N) Numba cell list (open, mixed and triclinic periodic
+boundaries, cells smaller than the cutoff, unwrapped positions); :class:`VerletList` adds a
+skin for MD, rebuilding its candidates only when an atom has moved more than skin/2.
+:mod:`mlmd.neighbors.bench` times them against vesin, matscipy and ASE.
 """
 from __future__ import annotations
 
 from typing import Tuple
 
 import numpy as np
+
+from .cell_list import NeighborList, neighbor_list
+from .verlet import VerletList
+
+__all__ = ["NeighborList", "VerletList", "neighbor_list", "neighbor_pairs"]
 
 
 def neighbor_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cutoff: float
@@ -18,18 +23,8 @@ def neighbor_pairs(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, cut
 
     positions [N,3] Å; cell [3,3] Å (rows are lattice vectors; ignored along open
     directions); pbc [3] bool; cutoff Å.
-    Returns edge_index [2,E] int64 (centre i, neighbour j) and shifts [E,3] Å such that
-    d_ij = positions[j] - positions[i] + shifts.
+    Returns edge_index [2,E] int64 (centre i, neighbour j), sorted by i, and shifts [E,3] Å
+    such that d_ij = positions[j] - positions[i] + shifts.
     """
-    from ase.neighborlist import primitive_neighbor_list
-
-    positions = np.asarray(positions, dtype=np.float64)
-    cell = np.asarray(cell, dtype=np.float64).reshape(3, 3)
-    pbc = np.asarray(pbc, dtype=bool).reshape(3)
-    if len(positions) == 0:
-        return np.zeros((2, 0), dtype=np.int64), np.zeros((0, 3))
-    i, j, s = primitive_neighbor_list("ijS", pbc, cell, positions, float(cutoff),
-                                      self_interaction=False, use_scaled_positions=False)
-    edge_index = np.stack([i, j]).astype(np.int64)
-    shifts = s.astype(np.float64) @ cell
-    return edge_index, shifts
+    result = neighbor_list(positions, cell, pbc, cutoff, full=True)
+    return result.edge_index, result.shifts
