@@ -4,5 +4,13 @@ __version__ = "0.1.0"
 from .errors import DataError, InputError, MLMDError, ModelFileError  # noqa: E402
 from .potential import Potential, export, load, load_module  # noqa: E402
 
-__all__ = ["__version__", "load", "load_module", "export", "Potential",
+__all__ = ["__version__", "load", "load_module", "export", "Potential", "Simulation",
            "MLMDError", "InputError", "ModelFileError", "DataError"]
+
+
+def __getattr__(name):
+    # the engine pulls in numba; `import mlmd` stays light for hosts that never use it
+    if name == "Simulation":
+        from .md.simulation import Simulation
+        return Simulation
+    raise AttributeError(f"module 'mlmd' has no attribute {name!r}")

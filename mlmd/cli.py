@@ -1,4 +1,4 @@
-"""The ``mlmd`` command: label, train, export, info, audit."""
+"""The ``mlmd`` command: label, train, export, info, audit, run, bench."""
 from __future__ import annotations
 
 import argparse
@@ -76,12 +76,50 @@ def _cmd_audit(args) -> int:
     return 0 if report["verdict"] == "pass" else 1
 
 
+def _cmd_run(args) -> int:
+    from .md.run import RunConfig, run
+
+    overrides = {"steps": args.steps, "output": args.out}
+    config = RunConfig.from_file(args.config, overrides)
+    summary = run(config, restart=args.restart, progress=not args.no_progress)
+    out = config.output
+    lines = [f"{summary['steps']} steps ({summary['time_ps']:.3f} ps) of {summary['atoms']} atoms -> {out}/",
+             f"  mean T {summary['mean_temperature_K']:.1f} K, conserved-energy std "
+             f"{summary['conserved_fluctuation_eV']:.3g} eV"]
+    if "drift_eV_per_atom_per_ps" in summary:
+        lines.append(f"  conserved-energy drift {summary['drift_eV_per_atom_per_ps']:.3g} eV/atom/ps")
+    if summary.get("ns_per_day"):
+        lines.append(f"  {summary['ns_per_day']:.3g} ns/day, {summary['neighbor_builds']} neighbour-list builds")
+    if "max_uncertainty_eV_per_A" in summary:
+        lines.append(f"  max committee force σ {summary['max_uncertainty_eV_per_A']:.3g} eV/Å")
+    if summary.get("plot"):
+        lines.append(f"  plot: {summary['plot']}")
+    if summary.get("interrupted"):
+        lines.append("  interrupted: checkpoint written; continue with --restart")
+    print("\n".join(lines))
+    return 130 if summary.get("interrupted") else 0
+
+
 def _cmd_bench(args) -> int:
     from . import bench
 
+    if args.threads and args.name != "committee":
+        torch_threads(args.threads)
     if args.name == "committee":
         bench.bench_committee(args.model, sizes=args.members, repeats=args.repeats, threads=args.threads)
+    elif args.name == "neighbors":
+        from .neighbors.bench import bench_neighbors, format_neighbor_table
+        rows = bench_neighbors(sizes=tuple(args.sizes) if args.sizes else (256, 2048, 6912, 16384))
+        print(format_neighbor_table(rows))
+        bench.bench_skin()
+    elif args.name == "md":
+        bench.bench_md(ethanol_model=args.model)
     return 0
+
+
+def torch_threads(threads: int) -> None:
+    import torch
+    torch.set_num_threads(threads)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,13 +163,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision for the finite-difference checks (the file is cast)")
     p.set_defaults(func=_cmd_audit)
 
+    p = sub.add_parser("run", help="production MD in the internal engine from a YAML config")
+    p.add_argument("config", help="YAML file, or a systems/<name> folder holding run.yaml")
+    p.add_argument("--steps", type=int, default=None, help="total steps (overrides the config)")
+    p.add_argument("--out", default=None, help="output folder (overrides the config's output)")
+    p.add_argument("--restart", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_run)
+
     p = sub.add_parser("bench", help="side-by-side benchmarks (ratios printed)")
-    p.add_argument("name", choices=["committee"])
+    p.add_argument("name", choices=["committee", "neighbors", "md"],
+                   help="committee: M members vs one; neighbors: our list vs vesin/matscipy/ASE and "
+                        "the Verlet skin; md: engine overhead vs ASE and OpenMM")
     p.add_argument("--model", default=os.path.join(_ROOT, "systems", "ethanol", "ethanol_committee.pt"),
                    help="model file whose hyper-parameters, dtype and example frame are used")
     p.add_argument("--members", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--sizes", type=int, nargs="+", default=None, help="neighbors: atom counts (256 2048 6912 16384)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

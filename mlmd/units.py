@@ -27,3 +27,7 @@ BOLTZMANN_EV_PER_K = _ase_units.kB
 
 # time: ASE's internal time unit expressed in fs
 FS = _ase_units.fs
+
+# MD engine (Å, fs, eV, amu): a = F/m in Å/fs^2 from eV/Å and amu, and m v^2 in eV from amu (Å/fs)^2
+FORCE_OVER_MASS_TO_ANGSTROM_PER_FS2 = FS ** 2                 # 9.6485e-3
+AMU_ANGSTROM2_PER_FS2_TO_EV = 1.0 / FS ** 2                    # 103.64

@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
-# The main job (until the MD engine lands): the whole life of a model file on the shipped
-# ethanol system, printed as it goes. Label fresh geometries with GFN2-xTB (tblite), train a
-# committee of 4, export it to TorchScript, show its metadata, audit it, and time the
-# committee against one member. Outputs go to runs/ethanol/ (git-ignored).
+# The whole life of a model file on the ethanol system, printed as it goes (about 2 minutes):
+# label fresh geometries with GFN2-xTB (tblite), train a committee of 4, export it to
+# TorchScript, show its metadata, audit it, and time the committee against one member.
+# Outputs go to runs/pipeline/ (git-ignored).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 MLMD=.venv/bin/mlmd
-OUT=runs/ethanol
+OUT=runs/pipeline
 rm -rf "$OUT"
 mkdir -p "$OUT"
 

@@ -54,10 +54,9 @@ class MLMDCalculator(Calculator):
     dtype : {"float32", "float64"}, optional
         Precision to evaluate in; default the file's.  Use "float64" for finite-difference checks.
     skin : float
-        Verlet skin in Å.  With ``skin > 0`` and :class:`mlmd.neighbors.VerletList` available,
-        pairs within ``cutoff + skin`` are kept between steps and rebuilt only when an atom has
-        moved more than ``skin / 2``; pairs beyond the cutoff contribute exactly zero because
-        the model's envelope vanishes there.  Without a Verlet list, pairs are rebuilt every call.
+        Verlet skin in Å.  With ``skin > 0`` a :class:`mlmd.neighbors.VerletList` keeps the
+        candidates within ``cutoff + skin`` between calls, rebuilt only when an atom has moved
+        more than ``skin / 2``; with 0, pairs are built from scratch every call.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``...).
 
@@ -86,9 +85,6 @@ class MLMDCalculator(Calculator):
         self._device = torch.device(self.potential.device)
         self._committee = self.potential.committee_size > 1
         self._supports_stress = bool(self.potential.metadata.get(keys.META_STRESS, False))
-        self._verlet_cls = None
-        if self.skin > 0:
-            self._verlet_cls = _verlet_list_class()
         self._verlet = None
         # per-system inputs: validated and turned into tensors again only when they change
         self._numbers = None        # numpy copy of the validated atomic numbers
@@ -197,9 +193,10 @@ class MLMDCalculator(Calculator):
                                  "degenerate; set the cell (atoms.set_cell) or use atoms.pbc = False")
 
     def _pairs(self, positions, cell, pbc):
-        if self._verlet_cls is not None:
+        if self.skin > 0:
             if self._verlet is None:
-                self._verlet = self._verlet_cls(self.potential.cutoff, self.skin)
+                from mlmd.neighbors import VerletList
+                self._verlet = VerletList(self.potential.cutoff, self.skin)
             return self._verlet.update(positions, cell, pbc)
         from mlmd.neighbors import neighbor_pairs
         return neighbor_pairs(positions, cell, pbc, self.potential.cutoff)
@@ -213,16 +210,6 @@ def _equal(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
     if a.shape != b.shape:
         return False
     return bool(np.array_equal(a, b) or (tol > 0 and np.abs(a - b).max() <= tol))
-
-
-def _verlet_list_class():
-    """mlmd.neighbors.VerletList if it offers ``update(positions, cell, pbc)``, else None."""
-    try:
-        from mlmd.neighbors import VerletList
-    except ImportError:
-        return None
-    # without it, pairs are rebuilt every call: correct, only slower
-    return VerletList if callable(getattr(VerletList, "update", None)) else None
 
 
 def _numpy64(tensor: torch.Tensor) -> np.ndarray:

@@ -88,9 +88,10 @@ class MLMDComputation:
         self._box_getter = getattr(getattr(openmm.openmm, "_openmm", None), "State_getPeriodicBoxVectors", None)
         self._verlet = None
         if self.skin > 0:
-            verlet_cls = _verlet_list_class()
-            if verlet_cls is not None:
-                self._verlet = verlet_cls(self._cutoff, self.skin)
+            from mlmd.neighbors import VerletList
+            # OpenMM may rewrap periodic positions between steps; the list sees that as a move
+            # and rebuilds, which is correct, only slower
+            self._verlet = VerletList(self._cutoff, self.skin)
         from mlmd.neighbors import neighbor_pairs
         self._neighbor_pairs = neighbor_pairs
 
@@ -164,17 +165,6 @@ class MLMDComputation:
         self.skin = float(state.get("skin", 0.0))
         self.last = None
         self._setup()
-
-
-def _verlet_list_class():
-    """mlmd.neighbors.VerletList if it offers ``update(positions, cell, pbc)``, else None."""
-    try:
-        from mlmd.neighbors import VerletList
-    except ImportError:
-        return None
-    # without it, pairs are rebuilt every step: correct, only slower.  OpenMM may rewrap
-    # periodic positions between steps; a Verlet list sees that as a move and rebuilds.
-    return VerletList if callable(getattr(VerletList, "update", None)) else None
 
 
 def _numbers_from(topology_or_numbers):

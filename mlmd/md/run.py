@@ -1,0 +1,259 @@
+"""``mlmd run CONFIG``: production MD in the internal engine from a YAML file.
+
+A config (or a ``systems/<name>`` folder holding ``run.yaml``)::
+
+    structure: ethanol.xyz            # relative to the config file; anything ASE/mdtraj reads
+    model: ethanol_committee.pt       # relative to the config file
+    integrator: langevin              # verlet (NVE) | langevin (BAOAB) | bussi
+    timestep: 0.5                     # fs
+    temperature: 300                  # K
+    steps: 20000
+    output: runs/ethanol              # relative to the working directory
+
+writes into ``output``: ``log.csv``, the trajectory (``trajectory.dcd`` by default; .xtc
+or .extxyz by its suffix) with ``topology.pdb`` next to it, ``checkpoint.npz`` (every
+``checkpoint_interval`` steps and at exit), ``summary.png`` and ``config.yaml`` (the
+resolved config).  ``--restart`` continues from the checkpoint, exactly.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from ..errors import InputError
+from .integrators import INTEGRATORS
+
+CONFIG_NAME = "run.yaml"
+
+
+@dataclass
+class RunConfig:
+    structure: str
+    model: str
+    steps: int
+    integrator: str = "langevin"
+    timestep: float = 0.5               # fs
+    temperature: Optional[float] = None  # K
+    friction: float = 1.0               # 1/ps (Langevin)
+    tau: float = 100.0                  # fs (Bussi)
+    seed: int = 0
+    skin: float = 1.0                   # Å
+    fixed: List[int] = field(default_factory=list)
+    remove_com: bool = True
+    dtype: Optional[str] = None         # float32 | float64 (default: the model file's)
+    device: str = "cpu"
+    output: str = "runs/md"
+    trajectory: str = "trajectory.dcd"
+    trajectory_interval: int = 100
+    log_interval: int = 10
+    checkpoint_interval: int = 1000
+    plot: bool = True
+
+    @classmethod
+    def from_file(cls, path: str, overrides: Optional[Dict[str, Any]] = None) -> "RunConfig":
+        import yaml
+
+        path = os.fspath(path)
+        if os.path.isdir(path):
+            folder = path
+            path = os.path.join(path, CONFIG_NAME)
+            if not os.path.isfile(path):
+                raise InputError(f"config: folder {folder!r} has no {CONFIG_NAME}; give a YAML file")
+        if not os.path.isfile(path):
+            raise InputError(f"config: file {path!r} does not exist")
+        with open(path) as handle:
+            try:
+                raw = yaml.safe_load(handle)
+            except yaml.YAMLError as exc:
+                raise InputError(f"config: {path!r} is not valid YAML ({exc})") from None
+        if not isinstance(raw, dict):
+            raise InputError(f"config: {path!r} must be a mapping of keys to values")
+        raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        base = os.path.dirname(os.path.abspath(path))
+        for key in ("structure", "model"):
+            if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]):
+                raw[key] = os.path.join(base, raw[key])
+        if "output" not in raw:
+            raw["output"] = os.path.join("runs", os.path.basename(base) if path.endswith(CONFIG_NAME)
+                                         else os.path.splitext(os.path.basename(path))[0])
+        return cls.from_dict(raw, source=path)
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], source: str = "config") -> "RunConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise InputError(f"{source}: unknown key(s) {unknown}; known keys: {sorted(known)}")
+        missing = [name for name, f in known.items()
+                   if f.default is MISSING and f.default_factory is MISSING and name not in raw]
+        if missing:
+            raise InputError(f"{source}: missing required key(s) {missing}")
+        config = cls(**raw)
+        config.validate(source)
+        return config
+
+    def validate(self, source: str = "config") -> None:
+        def bad(key, why):
+            raise InputError(f"{source}: {key}: {why}, got {getattr(self, key)!r}")
+
+        for key in ("structure", "model"):
+            if not isinstance(getattr(self, key), str):
+                bad(key, "must be a file path")
+            if not os.path.isfile(getattr(self, key)):
+                bad(key, "file does not exist")
+        if self.integrator not in INTEGRATORS:
+            bad("integrator", f"must be one of {sorted(INTEGRATORS)}")
+        for key in ("timestep", "friction", "tau"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value <= 0:
+                bad(key, "must be a positive number")
+        if self.integrator != "verlet" and self.temperature is None:
+            bad("temperature", f"the {self.integrator} thermostat needs a temperature in K")
+        if self.temperature is not None and (isinstance(self.temperature, bool)
+                                             or not isinstance(self.temperature, (int, float))
+                                             or not self.temperature > 0):
+            bad("temperature", "must be a positive number of K")
+        for key in ("steps", "trajectory_interval", "log_interval", "checkpoint_interval"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "steps" else 1):
+                bad(key, "must be a whole number" + (" >= 0" if key == "steps" else " >= 1"))
+        if isinstance(self.skin, bool) or not isinstance(self.skin, (int, float)) or self.skin < 0:
+            bad("skin", "must be a length >= 0 (Å)")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            bad("seed", "must be an integer")
+        if not isinstance(self.fixed, list) or not all(isinstance(i, int) for i in self.fixed):
+            bad("fixed", "must be a list of atom indices")
+        if self.dtype not in (None, "float32", "float64"):
+            bad("dtype", "must be float32 or float64")
+        from .io import TRAJECTORY_FORMATS
+        suffix = os.path.splitext(self.trajectory)[1].lstrip(".").lower()
+        if suffix not in TRAJECTORY_FORMATS + ("xyz",):
+            bad("trajectory", f"must end in one of {['.' + f for f in TRAJECTORY_FORMATS]}")
+
+
+def run(config: RunConfig, restart: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Run (or continue) the MD described by ``config``; returns a summary dict."""
+    import yaml
+
+    from .reporters import CheckpointReporter, CSVLog, TrajectoryReporter
+    from .simulation import Simulation
+
+    out = config.output
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    if not restart and os.path.exists(os.path.join(out, "log.csv")):
+        raise InputError(f"output: {out!r} already holds a run (log.csv); pass --restart to continue it "
+                         "or choose another output folder (--out)")
+    if restart and not os.path.isfile(checkpoint):
+        raise InputError(f"restart: {checkpoint!r} does not exist; run without --restart first")
+    os.makedirs(out, exist_ok=True)
+    sim = Simulation(config.structure, config.model, integrator=config.integrator, timestep=config.timestep,
+                     temperature=config.temperature, friction=config.friction, tau=config.tau,
+                     seed=config.seed, skin=config.skin, fixed=config.fixed or None,
+                     remove_com=config.remove_com, dtype=config.dtype, device=config.device)
+    log = CSVLog(os.path.join(out, "log.csv"), committee=sim.potential.committee_size > 1)
+    trajectory = TrajectoryReporter(os.path.join(out, config.trajectory), sim.atoms, config.timestep,
+                                    config.trajectory_interval)
+    checkpointer = CheckpointReporter(checkpoint, log, trajectory)
+    if restart:
+        extra = sim.load_checkpoint(checkpoint)
+        log.truncate(int(extra.get("log_rows", 0)))
+        trajectory.writer.truncate(int(extra.get("trajectory_frames", 0)))
+    else:
+        with open(os.path.join(out, "config.yaml"), "w") as handle:
+            yaml.safe_dump(asdict(config), handle, sort_keys=False)
+        if trajectory.writer.format != "extxyz":
+            from .io import mdtraj_topology
+            import mdtraj
+            top = mdtraj_topology(sim.atoms)
+            mdtraj.Trajectory(sim.atoms.get_positions()[None] * 0.1, top).save_pdb(
+                os.path.join(out, "topology.pdb"))
+    sim.attach(log, config.log_interval)
+    sim.attach(trajectory, config.trajectory_interval)
+    sim.attach(checkpointer, config.checkpoint_interval)
+    remaining = max(config.steps - sim.state.step, 0)
+    interrupted = False
+    try:
+        sim.run(remaining, progress=progress)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        log.close()
+        trajectory.writer.close()
+    if sim.state.step % config.log_interval:
+        log(sim)            # the exit state is always in the log
+        log.close()
+    checkpointer(sim)       # and in the checkpoint
+    summary = summarize(os.path.join(out, "log.csv"), sim)
+    summary["interrupted"] = interrupted
+    if config.plot:
+        summary["plot"] = plot_log(os.path.join(out, "log.csv"), os.path.join(out, "summary.png"),
+                                   title=f"{os.path.basename(config.structure)} — {config.integrator}, "
+                                         f"{config.timestep} fs")
+    return summary
+
+
+def read_log(path: str) -> Dict[str, np.ndarray]:
+    data = np.genfromtxt(path, delimiter=",", names=True)
+    data = np.atleast_1d(data)
+    return {name: np.asarray(data[name], dtype=float) for name in data.dtype.names}
+
+
+def summarize(log_path: str, sim) -> Dict[str, Any]:
+    log = read_log(log_path)
+    n_atoms = len(sim.state.positions)
+    t = log["time_ps"]
+    conserved = log["conserved_eV"]
+    summary: Dict[str, Any] = {
+        "steps": int(sim.state.step), "time_ps": float(sim.state.time * 1e-3), "atoms": n_atoms,
+        "mean_temperature_K": float(np.mean(log["temperature_K"][1:])) if len(t) > 1 else float("nan"),
+        "conserved_fluctuation_eV": float(np.std(conserved)),
+        "neighbor_builds": int(sim.neighbor_builds),
+        "wall_s": sim.wall_time,
+    }
+    if len(t) > 2 and t[-1] > t[0]:
+        slope = np.polyfit(t, conserved, 1)[0]
+        summary["drift_eV_per_atom_per_ps"] = float(slope / n_atoms)
+    if sim.wall_time > 0 and sim.steps_run:
+        summary["ns_per_day"] = sim.steps_run * sim.integrator.timestep * 1e-6 / sim.wall_time * 86400
+    if "uncertainty_eV_per_A" in log:
+        summary["max_uncertainty_eV_per_A"] = float(np.nanmax(log["uncertainty_eV_per_A"]))
+    return summary
+
+
+def plot_log(log_path: str, png_path: str, title: str = "") -> str:
+    """A PNG with energies, conserved-energy drift, temperature and (committee) uncertainty vs time."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    log = read_log(log_path)
+    t = log["time_ps"]
+    panels = 4 if "uncertainty_eV_per_A" in log else 3
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 2.2 * panels), sharex=True)
+    axes[0].plot(t, log["potential_eV"] - log["potential_eV"][0], label="potential")
+    axes[0].plot(t, log["kinetic_eV"] - log["kinetic_eV"][0], label="kinetic")
+    axes[0].set_ylabel("ΔE (eV)")
+    axes[0].legend(loc="upper right", fontsize=8)
+    axes[1].plot(t, log["total_eV"] - log["total_eV"][0], label="total", color="0.6")
+    axes[1].plot(t, log["conserved_eV"] - log["conserved_eV"][0], label="conserved", color="k")
+    axes[1].set_ylabel("ΔE (eV)")
+    axes[1].legend(loc="upper right", fontsize=8)
+    axes[2].plot(t, log["temperature_K"], color="C3")
+    axes[2].set_ylabel("T (K)")
+    if panels == 4:
+        axes[3].plot(t, log["uncertainty_eV_per_A"], color="C4")
+        axes[3].set_ylabel("σ_F max (eV/Å)")
+    axes[-1].set_xlabel("time (ps)")
+    if title:
+        axes[0].set_title(title, fontsize=10)
+    fig.tight_layout()
+    tmp = png_path + ".tmp.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, png_path)
+    return png_path

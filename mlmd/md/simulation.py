@@ -1,0 +1,320 @@
+"""``mlmd.Simulation``: the internal engine's Python API (the ``mlmd run`` driver is built on it).
+
+    sim = mlmd.Simulation(atoms, "systems/ethanol/ethanol_committee.pt",
+                          integrator="langevin", timestep=0.5, temperature=300, seed=1)
+    sim.attach(lambda s: print(s.state.step, s.temperature, s.uncertainty), interval=100)
+    sim.run(10_000, progress=True)
+    sim.save_checkpoint("run/checkpoint.npz")
+
+Units: Å, fs, eV, amu, K; friction in 1/ps (OpenMM's convention), tau in fs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .. import keys
+from ..errors import InputError
+from ..potential import Potential
+from .integrators import (Integrator, MDState, degrees_of_freedom, make_integrator,
+                          maxwell_boltzmann, remove_com_motion, temperature)
+
+CHECKPOINT_VERSION = 1
+
+
+class ModelForces:
+    """``compute(state)``: a :class:`Potential` on the state's positions, pairs from a Verlet list.
+
+    Validation happens once here, so the per-step path is: Verlet-list update, numpy ->
+    torch views, one module call, forces copied back into the float64 state.
+    """
+
+    def __init__(self, potential: Potential, numbers: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
+                 skin: float = 1.0):
+        from ..neighbors import VerletList
+
+        potential.check_numbers(numbers)
+        self.potential = potential
+        self.module = potential.module
+        self.dtype = potential.dtype
+        self.device = torch.device(potential.device)
+        self.neighbors = VerletList(potential.cutoff, skin)
+        self.numbers = torch.as_tensor(np.asarray(numbers, dtype=np.int64), device=self.device)
+        self.cell = torch.as_tensor(np.asarray(cell, dtype=np.float64), dtype=self.dtype, device=self.device)
+        self.pbc = torch.as_tensor(np.asarray(pbc, dtype=bool), device=self.device)
+        self.committee = potential.committee_size > 1
+        self.output: Dict[str, torch.Tensor] = {}
+
+    def _tensor(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if tensor.dtype != self.dtype and tensor.is_floating_point():
+            tensor = tensor.to(self.dtype)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+
+    def __call__(self, state: MDState) -> None:
+        edge_index, shifts = self.neighbors.update(state.positions, state.cell, state.pbc)
+        out = self.module(self._tensor(state.positions), self.numbers, self.cell, self.pbc,
+                          self._tensor(edge_index), self._tensor(shifts), False)
+        state.forces[...] = out[keys.FORCES].detach().cpu().numpy()
+        state.potential_energy = float(out[keys.ENERGY].detach())
+        self.output = out
+
+    @property
+    def uncertainty(self) -> float:
+        """The frame's calibrated committee uncertainty (eV/Å); NaN for a single model."""
+        value = self.output.get(keys.UNCERTAINTY)
+        return float("nan") if value is None else float(value.detach())
+
+
+@dataclass
+class Observer:
+    callback: Callable[["Simulation"], Any]
+    interval: int
+
+
+class Simulation:
+    """MD of one system with an mlmd model in the internal engine.
+
+    atoms        ase.Atoms (or a structure file ASE/mdtraj reads); its masses are used,
+                 its momenta too when non-zero and ``temperature`` is None, FixAtoms honoured
+    model        model file path or :class:`mlmd.Potential`
+    integrator   "verlet" (NVE), "langevin" (BAOAB, NVT) or "bussi" (NVT)
+    timestep     fs;  temperature K (thermostat target and initial Maxwell-Boltzmann velocities)
+    friction     Langevin gamma, 1/ps;  tau: Bussi relaxation time, fs
+    seed         for the initial velocities and the thermostat noise
+    skin         Verlet-list skin, Å (0: rebuild the list every step)
+    fixed        indices (or a bool mask) of atoms that never move
+    remove_com   hold the centre-of-mass momentum at zero (Langevin: every step)
+    dtype        compute the model in "float32"/"float64" (default: the file's dtype)
+    """
+
+    def __init__(self, atoms, model: Union[str, os.PathLike, Potential], integrator: str = "verlet",
+                 timestep: float = 0.5, temperature: Optional[float] = None, friction: float = 1.0,
+                 tau: float = 100.0, seed: Optional[int] = None, skin: float = 1.0,
+                 fixed: Optional[Sequence] = None, remove_com: bool = True, dtype: Optional[str] = None,
+                 device: str = "cpu"):
+        if isinstance(atoms, (str, os.PathLike)):
+            from .io import read_structure
+            atoms = read_structure(atoms)
+        if not hasattr(atoms, "get_positions"):
+            raise InputError(f"atoms: expected an ase.Atoms or a structure file, got {type(atoms).__name__}")
+        if len(atoms) == 0:
+            raise InputError("atoms: the structure has no atoms")
+        potential = model if isinstance(model, Potential) else Potential.load(model, device=device)
+        if dtype is not None and dtype != potential.metadata[keys.META_DTYPE]:
+            potential = potential.with_dtype(dtype)
+        if not isinstance(skin, (int, float)) or skin < 0:
+            raise InputError(f"skin: must be a length >= 0 Å, got {skin!r}")
+        self.atoms = atoms.copy()
+        self.potential = potential
+        self.integrator: Integrator = make_integrator(integrator, timestep, temperature, friction, tau, seed)
+        fixed_mask = _fixed_mask(atoms, fixed)
+        positions = atoms.get_positions()
+        if not np.isfinite(positions).all():
+            raise InputError("atoms: positions contain NaN or Inf")
+        cell = np.asarray(atoms.get_cell(), dtype=np.float64)
+        pbc = np.asarray(atoms.get_pbc(), dtype=bool)
+        if pbc.any() and abs(np.linalg.det(cell)) < 1e-9:
+            raise InputError(f"atoms: periodic along {pbc.tolist()} but the cell is zero or degenerate; "
+                             "set the cell (atoms.cell) or use pbc=False")
+        masses = atoms.get_masses()
+        momenta = atoms.get_momenta()
+        init_rng = np.random.default_rng(None if seed is None else [int(seed), 1])
+        if temperature is not None:
+            velocities = maxwell_boltzmann(masses, temperature, init_rng, fixed_mask)
+        else:
+            from .. import units
+            velocities = momenta / masses[:, None] * units.FS   # ASE velocity unit -> Å/fs
+        self.state = MDState(positions=positions, velocities=velocities, masses=masses,
+                             numbers=atoms.get_atomic_numbers().astype(np.int64), cell=cell, pbc=pbc,
+                             fixed=fixed_mask)
+        self.remove_com = bool(remove_com)
+        self.dof = degrees_of_freedom(fixed_mask, self.remove_com)
+        self._com_every_step = self.remove_com and self.integrator.name == "langevin" and not fixed_mask.any()
+        if self.remove_com and not fixed_mask.any():
+            remove_com_motion(self.state)
+            self.state.bath_energy = 0.0
+        self.integrator.setup(self.state, self.dof)
+        self.forces = ModelForces(potential, self.state.numbers, cell, pbc, skin)
+        self.forces(self.state)
+        self.observers: List[Observer] = []
+        self._initial_reported = False
+        self.wall_time = 0.0   # seconds spent in run(), for ns/day
+        self.steps_run = 0     # steps taken by this object (not counting a checkpoint's)
+
+    # ---- observables ---------------------------------------------------------------------
+    @property
+    def kinetic_energy(self) -> float:
+        return self.state.kinetic_energy
+
+    @property
+    def potential_energy(self) -> float:
+        return self.state.potential_energy
+
+    @property
+    def total_energy(self) -> float:
+        return self.state.potential_energy + self.state.kinetic_energy
+
+    @property
+    def conserved_energy(self) -> float:
+        """E_pot + E_kin minus the energy the thermostat put in: constant up to integration error."""
+        return self.total_energy - self.state.bath_energy
+
+    @property
+    def temperature(self) -> float:
+        return temperature(self.state.kinetic_energy, self.dof)
+
+    @property
+    def uncertainty(self) -> float:
+        return self.forces.uncertainty
+
+    @property
+    def neighbor_builds(self) -> int:
+        return self.forces.neighbors.builds
+
+    def get_atoms(self):
+        """The current frame as ase.Atoms (positions, momenta, cell), a copy."""
+        from .. import units
+        atoms = self.atoms.copy()
+        atoms.set_positions(self.state.positions)
+        atoms.set_momenta(self.state.velocities * self.state.masses[:, None] / units.FS, apply_constraint=False)
+        return atoms
+
+    # ---- running -------------------------------------------------------------------------
+    def attach(self, callback: Callable[["Simulation"], Any], interval: int = 1) -> None:
+        """Call ``callback(simulation)`` every ``interval`` steps (and at step 0 of a fresh run)."""
+        if not callable(callback):
+            raise InputError("callback: must be callable as callback(simulation)")
+        if not isinstance(interval, int) or interval < 1:
+            raise InputError(f"interval: must be a positive number of steps, got {interval!r}")
+        self.observers.append(Observer(callback, interval))
+
+    def swap_model(self, model: Union[str, os.PathLike, Potential]) -> None:
+        """Replace the model between steps (state, RNG and step count kept); forces recomputed."""
+        potential = model if isinstance(model, Potential) else Potential.load(model, device=self.potential.device)
+        skin = self.forces.neighbors.skin
+        self.potential = potential
+        self.forces = ModelForces(potential, self.state.numbers, self.state.cell, self.state.pbc, skin)
+        self.forces(self.state)
+
+    def run(self, steps: int, progress: bool = False) -> None:
+        """Advance ``steps`` steps, calling the observers; ``progress`` shows a bar with ns/day."""
+        if not isinstance(steps, (int, np.integer)) or steps < 0:
+            raise InputError(f"steps: must be an integer >= 0, got {steps!r}")
+        if not self._initial_reported and self.state.step == 0:
+            for observer in self.observers:
+                observer.callback(self)
+        self._initial_reported = True
+        bar = _progress_bar(steps) if progress else None
+        # self.forces is looked up every step: an observer may swap the model
+        state, integrator, observers = self.state, self.integrator, self.observers
+        first_step = state.step - self.steps_run
+        start = last = time.perf_counter()
+        done_since = 0
+        try:
+            for _ in range(int(steps)):
+                integrator.step(state, self.forces)
+                if self._com_every_step:
+                    remove_com_motion(state)
+                for observer in observers:
+                    if state.step % observer.interval == 0:
+                        observer.callback(self)
+                if bar is not None:
+                    done_since += 1
+                    now = time.perf_counter()
+                    if now - last > 0.5:
+                        bar.update(done_since)
+                        bar.set_postfix_str(_ns_per_day(now - start, bar.n, integrator.timestep))
+                        done_since, last = 0, now
+        finally:
+            self.wall_time += time.perf_counter() - start
+            self.steps_run = state.step - first_step
+            if bar is not None:
+                bar.update(done_since)
+                bar.close()
+
+    # ---- checkpoints ---------------------------------------------------------------------
+    def save_checkpoint(self, path: Union[str, os.PathLike], extra: Optional[Dict] = None) -> str:
+        """Write everything an exact restart needs (atomic: a crash never leaves a torn file)."""
+        s = self.state
+        arrays = {"positions": s.positions, "velocities": s.velocities, "forces": s.forces,
+                  "masses": s.masses, "numbers": s.numbers, "cell": s.cell, "pbc": s.pbc, "fixed": s.fixed}
+        for name, value in self.forces.neighbors.state_dict().items():
+            arrays["neighbors." + name] = np.asarray(value)
+        meta = {"version": CHECKPOINT_VERSION, "step": s.step, "time": s.time,
+                "potential_energy": s.potential_energy, "bath_energy": s.bath_energy,
+                "integrator": self.integrator.describe(), "rng": self.integrator.rng_state(),
+                "model": self.potential.path, "dof": self.dof, "neighbor_builds": self.neighbor_builds,
+                "extra": extra or {}}
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        tmp = path + ".tmp"
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def load_checkpoint(self, path: Union[str, os.PathLike]) -> Dict:
+        """Restore state, thermostat RNG and neighbour list from ``path``; returns its ``extra``."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise InputError(f"checkpoint: file {path!r} does not exist; run without restart first")
+        with np.load(path) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+            arrays = {name: data[name] for name in data.files if name != "meta"}
+        s = self.state
+        if not np.array_equal(arrays["numbers"], s.numbers):
+            raise InputError(f"checkpoint: {path!r} holds a different system ({len(arrays['numbers'])} atoms) "
+                             "than the structure given; use the structure the run started from")
+        theirs = meta["integrator"]
+        if theirs != self.integrator.describe():
+            raise InputError(f"checkpoint: {path!r} was written by {theirs}, this run uses "
+                             f"{self.integrator.describe()}; restart with the same integrator settings")
+        for name in ("positions", "velocities", "forces", "cell", "pbc"):
+            setattr(s, name, np.ascontiguousarray(arrays[name]))
+        s.step, s.time = int(meta["step"]), float(meta["time"])
+        s.potential_energy, s.bath_energy = float(meta["potential_energy"]), float(meta["bath_energy"])
+        self.integrator.set_rng_state(meta["rng"])
+        self.forces.neighbors.load_state_dict(
+            {name[len("neighbors."):]: value for name, value in arrays.items() if name.startswith("neighbors.")})
+        self.forces.neighbors.builds = int(meta["neighbor_builds"])
+        self._initial_reported = True
+        return meta.get("extra", {})
+
+
+def _fixed_mask(atoms, fixed) -> np.ndarray:
+    mask = np.zeros(len(atoms), dtype=bool)
+    for constraint in getattr(atoms, "constraints", []):
+        if type(constraint).__name__ == "FixAtoms":
+            mask[constraint.index] = True
+    if fixed is not None:
+        fixed = np.asarray(fixed)
+        if fixed.dtype == bool:
+            if fixed.shape != (len(atoms),):
+                raise InputError(f"fixed: a bool mask needs {len(atoms)} entries, got {fixed.shape}")
+            mask |= fixed
+        else:
+            if fixed.size and (fixed.min() < 0 or fixed.max() >= len(atoms)):
+                raise InputError(f"fixed: atom indices must be in 0..{len(atoms) - 1}")
+            mask[fixed.astype(int)] = True
+    return mask
+
+
+def _ns_per_day(seconds: float, steps: int, timestep_fs: float) -> str:
+    if seconds <= 0 or steps == 0:
+        return ""
+    return f"{steps * timestep_fs * 1e-6 / seconds * 86400:.3g} ns/day"
+
+
+def _progress_bar(total: int):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit="step", dynamic_ncols=True, mininterval=0.5)
