@@ -99,51 +99,77 @@ def _module_args(potential, atoms):
             torch.tensor(edge_index), torch.tensor(shifts, dtype=dtype), False)
 
 
-def _per_step(run_steps, steps: int, warmup: int) -> float:
-    """Seconds per MD step: ``run_steps(n)`` advances n steps."""
-    run_steps(warmup)
-    t0 = time.perf_counter()
-    run_steps(steps)
-    return (time.perf_counter() - t0) / steps
+class _TimedModule:
+    """Wraps a model module and adds up the time spent inside it, so that a driver's overhead
+    (step time minus model time) is measured within the same steps, free of run-to-run noise."""
+
+    def __init__(self, module):
+        self.module = module
+        self.seconds = 0.0
+        self.calls = 0
+
+    def __call__(self, *args):
+        t0 = time.perf_counter()
+        # freeing the autograd graph is part of the model's cost (files older than the
+        # in-module detach keep it alive in their outputs)
+        out = {key: value.detach() for key, value in self.module(*args).items()}
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        return out
 
 
-def md_drivers(potential, atoms, timestep: float, steps: int, warmup: int = 10,
-               drivers=("mlmd", "ase", "openmm")) -> Dict[str, float]:
-    """Seconds per step of NVE MD of ``atoms`` with ``potential`` in each driver, and of a bare call.
+def md_drivers(potential, atoms, timestep: float, steps: int, rounds: int = 5, warmup: int = 10,
+               drivers=("mlmd", "ase", "openmm")) -> Dict[str, Dict[str, float]]:
+    """Per-step cost of NVE MD of ``atoms`` with ``potential`` in each driver.
 
-    bare    one module call (energy + autograd forces) on fixed, precomputed pairs
-    mlmd    mlmd.Simulation, velocity Verlet, Verlet list with a 1 Å skin
+    mlmd    mlmd.Simulation, velocity Verlet
     ase     ase.md.VelocityVerlet with mlmd.plugins.ase.MLMDCalculator
     openmm  OpenMM CPU platform, VerletIntegrator, mlmd.plugins.openmm.create_python_force
+    All three call the same module through a timer and use the same Numba Verlet list (1 Å
+    skin), so the overhead (step - model call) is the driver's own.  Returns for each driver
+    seconds per step (``step``) and inside the model (``model``), each the fastest of
+    ``rounds`` interleaved rounds, and the median over rounds of their difference (``overhead``).
     """
+    import dataclasses
+
+    from . import units
     from .md.integrators import maxwell_boltzmann
 
     atoms = atoms.copy()
     velocities = maxwell_boltzmann(atoms.get_masses(), 300.0, np.random.default_rng(0))
-    from . import units
     atoms.set_momenta(velocities * atoms.get_masses()[:, None] / units.FS)
-    args = _module_args(potential, atoms)
+    steppers = {}
+    for name in drivers:
+        timed = _TimedModule(potential.module)
+        wrapped = dataclasses.replace(potential, module=timed)
+        if name == "mlmd":
+            from .md.simulation import Simulation
+            steppers[name] = (Simulation(atoms, wrapped, integrator="verlet", timestep=timestep, skin=1.0).run,
+                              timed)
+        elif name == "ase":
+            from ase.md.verlet import VelocityVerlet
 
-    def bare_calls(n):
-        for _ in range(n):
-            potential.module(*args)
-
-    times = {"bare": _per_step(bare_calls, steps, warmup)}
-    if "mlmd" in drivers:
-        from .md.simulation import Simulation
-        sim = Simulation(atoms, potential, integrator="verlet", timestep=timestep, skin=1.0)
-        times["mlmd"] = _per_step(sim.run, steps, warmup)
-    if "ase" in drivers:
-        from ase.md.verlet import VelocityVerlet
-
-        from .plugins.ase import MLMDCalculator
-        ase_atoms = atoms.copy()
-        ase_atoms.calc = MLMDCalculator(potential)
-        dyn = VelocityVerlet(ase_atoms, timestep=timestep * units.FS)
-        times["ase"] = _per_step(dyn.run, steps, warmup)
-    if "openmm" in drivers:
-        times["openmm"] = _per_step(_openmm_stepper(potential, atoms, timestep), steps, warmup)
-    return times
+            from .plugins.ase import MLMDCalculator
+            ase_atoms = atoms.copy()
+            ase_atoms.calc = MLMDCalculator(wrapped, skin=1.0)
+            steppers[name] = (VelocityVerlet(ase_atoms, timestep=timestep * units.FS).run, timed)
+        elif name == "openmm":
+            steppers[name] = (_openmm_stepper(wrapped, atoms, timestep), timed)
+    samples: Dict[str, List] = {name: [] for name in steppers}
+    for name, (run_steps, _) in steppers.items():
+        run_steps(warmup)
+    for _ in range(rounds):            # interleaved, so slow phases of the machine hit every driver
+        for name, (run_steps, timed) in steppers.items():
+            timed.seconds, timed.calls = 0.0, 0
+            t0 = time.perf_counter()
+            run_steps(steps)
+            total = time.perf_counter() - t0
+            samples[name].append((total / steps, timed.seconds / max(timed.calls, 1),
+                                  (total - timed.seconds) / steps))
+    # fastest round for the times (least disturbed), median round for the difference
+    return {name: {"step": float(np.min(np.array(rows)[:, 0])), "model": float(np.min(np.array(rows)[:, 1])),
+                   "overhead": float(np.median(np.array(rows)[:, 2]))}
+            for name, rows in samples.items()}
 
 
 def _openmm_stepper(potential, atoms, timestep: float):
@@ -159,24 +185,28 @@ def _openmm_stepper(potential, atoms, timestep: float):
     if atoms.pbc.all():
         a, b, c = (openmm.Vec3(*row) * units.ANGSTROM_TO_NM for row in np.asarray(atoms.cell))
         system.setDefaultPeriodicBoxVectors(a, b, c)
-    system.addForce(create_python_force(potential, atoms.get_atomic_numbers()))
+    system.addForce(create_python_force(potential, atoms.get_atomic_numbers(), periodic=bool(atoms.pbc.all()),
+                                        skin=1.0))
     integrator = openmm.VerletIntegrator(timestep * 1e-3)   # ps
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("CPU"))
     context.setPositions(atoms.positions * units.ANGSTROM_TO_NM * unit.nanometer)
     context.setVelocities(atoms.get_velocities() / units.FS * 1e3 * units.ANGSTROM_TO_NM
                           * unit.nanometer / unit.picosecond)
-    return integrator.step
+
+    def steps(n):
+        integrator.step(n)
+
+    steps.context = context   # the integrator is only usable while its Context lives
+    return steps
 
 
-def bench_md(sizes=(3, 7, 14), ethanol_model: str = "", steps_budget_s: float = 3.0) -> List[Dict]:
-    """Driver overhead per step (step time minus one bare model call), side by side.
+def bench_md(sizes=(3, 7, 14), ethanol_model: str = "", steps_budget_s: float = 2.0) -> List[Dict]:
+    """Driver overhead per step (step time minus the model call inside it), side by side.
 
     A Morse copper model (float64 TorchScript, energy + autograd forces) at ~100, 1k and 10k
     atoms (cubic fcc supercells of ``sizes`` cells a side), then the ethanol committee.
+    Prints a markdown table; returns its rows.
     """
-    from rich.console import Console
-    from rich.table import Table
-
     from .models.pair import export_morse
     from .potential import load
 
@@ -191,66 +221,75 @@ def bench_md(sizes=(3, 7, 14), ethanol_model: str = "", steps_budget_s: float = 
         for name, potential, atoms, timestep in systems:
             args = _module_args(potential, atoms)
             bare = _time_call(lambda: potential.module(*args), 3, 2)
-            steps = int(min(max(steps_budget_s / (3 * bare), 10), 2000))
-            times = md_drivers(potential, atoms, timestep, steps)
-            row = {"system": name, "atoms": len(atoms), "steps": steps, **times}
-            for driver in ("mlmd", "ase", "openmm"):
-                row[f"{driver}_overhead"] = times[driver] - times["bare"]
-            rows.append(row)
-            print(f"{name} {len(atoms)} atoms: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in times.items()),
-                  flush=True)
-    table = Table(title=f"MD step cost (NVE), torch threads {torch.get_num_threads()}; "
-                        "overhead = step - bare model call")
-    for column in ("system", "atoms", "bare call ms", "mlmd ms", "ASE ms", "OpenMM ms",
-                   "mlmd overhead µs (% of bare)", "ASE overhead µs", "OpenMM overhead µs",
-                   "ASE/mlmd overhead", "OpenMM/mlmd overhead", "ASE/mlmd step"):
-        table.add_column(column)
-    for row in rows:
-        ours = max(row["mlmd_overhead"], 1e-7)
-        table.add_row(row["system"], str(row["atoms"]), f"{row['bare'] * 1e3:.3f}", f"{row['mlmd'] * 1e3:.3f}",
-                      f"{row['ase'] * 1e3:.3f}", f"{row['openmm'] * 1e3:.3f}",
-                      f"{row['mlmd_overhead'] * 1e6:.0f} ({100 * row['mlmd_overhead'] / row['bare']:.0f}%)",
-                      f"{row['ase_overhead'] * 1e6:.0f}", f"{row['openmm_overhead'] * 1e6:.0f}",
-                      f"{row['ase_overhead'] / ours:.1f}", f"{row['openmm_overhead'] / ours:.1f}",
-                      f"{row['ase'] / row['mlmd']:.2f}")
-    Console().print(table)
+            steps = int(min(max(steps_budget_s / (3 * bare), 5), 1000))
+            result = md_drivers(potential, atoms, timestep, steps)
+            rows.append({"system": name, "atoms": len(atoms), "pairs": int(args[4].shape[1]),
+                         "steps": steps, **result})
+            print(f"{name}, {len(atoms)} atoms: " + ", ".join(
+                f"{driver} {r['step'] * 1e3:.3f} ms/step (model {r['model'] * 1e3:.3f}, overhead "
+                f"{r['overhead'] * 1e6:.0f} µs)" for driver, r in result.items()), flush=True)
+    print(format_md_table(rows))
     return rows
 
 
-def bench_skin(n_cells: int = 8, steps: int = 1000, skin: float = 1.0, temperature: float = 300.0) -> Dict:
-    """Verlet-list statistics of a Langevin run of Morse copper: rebuild interval and amortized cost.
+def format_md_table(rows: List[Dict]) -> str:
+    head = ("| system | atoms | model call ms | mlmd ms/step | ASE ms/step | OpenMM ms/step "
+            "| mlmd overhead µs (% of model) | ASE overhead µs | OpenMM overhead µs "
+            "| ASE/mlmd overhead | OpenMM/mlmd overhead | ASE/mlmd step |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for row in rows:
+        ours, ase, omm = row["mlmd"], row["ase"], row["openmm"]
+        floor = max(ours["overhead"], 1e-7)
+        lines.append(
+            f"| {row['system']} | {row['atoms']} | {ours['model'] * 1e3:.3f} | {ours['step'] * 1e3:.3f} "
+            f"| {ase['step'] * 1e3:.3f} | {omm['step'] * 1e3:.3f} "
+            f"| {ours['overhead'] * 1e6:.0f} ({100 * ours['overhead'] / ours['model']:.1f}%) "
+            f"| {ase['overhead'] * 1e6:.0f} | {omm['overhead'] * 1e6:.0f} "
+            f"| {ase['overhead'] / floor:.1f} | {omm['overhead'] / floor:.1f} | {ase['step'] / ours['step']:.2f} |")
+    return "\n".join(lines) + f"\n(torch threads {torch.get_num_threads()})"
 
-    Times every ``VerletList.update`` call of the run (rebuilds and the per-step filtering)
-    and compares the amortized cost per step with building the list from scratch every step.
+
+def bench_skin(n_cells: int = 8, steps: int = 2000, skins=(0.0, 0.25, 0.5, 1.0),
+               temperature: float = 300.0) -> List[Dict]:
+    """Verlet-list statistics of Langevin runs of Morse copper: rebuild interval and amortized cost.
+
+    Times every ``VerletList.update`` call of each run (rebuilds and the per-step filtering;
+    skin 0 builds the list from scratch every step) and prints a markdown table.
     """
     from .models.pair import export_morse
     from .md.simulation import Simulation
-    from .neighbors import neighbor_list
 
     atoms = _copper(n_cells)
+    rows: List[Dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        sim = Simulation(atoms, export_morse(os.path.join(tmp, "cu.pt"), cutoff=5.0), integrator="langevin",
-                         timestep=2.0, temperature=temperature, seed=0, skin=skin)
-        verlet = sim.forces.neighbors
-        spent = []
-        update = verlet.update
+        model = export_morse(os.path.join(tmp, "cu.pt"), cutoff=5.0)
+        for skin in skins:
+            sim = Simulation(atoms, model, integrator="langevin", timestep=2.0, temperature=temperature,
+                             seed=0, skin=skin)
+            verlet = sim.forces.neighbors
+            spent = []
+            update = verlet.update
 
-        def timed_update(positions, cell, pbc):
-            t0 = time.perf_counter()
-            result = update(positions, cell, pbc)
-            spent.append(time.perf_counter() - t0)
-            return result
+            def timed_update(positions, cell, pbc, update=update, spent=spent):
+                t0 = time.perf_counter()
+                result = update(positions, cell, pbc)
+                spent.append(time.perf_counter() - t0)
+                return result
 
-        verlet.update = timed_update
-        builds0 = verlet.builds
-        sim.run(steps)
-        builds = verlet.builds - builds0
-    from_scratch = _time_call(lambda: neighbor_list(sim.state.positions, sim.state.cell, sim.state.pbc, 5.0), 10, 2)
-    result = {"atoms": len(atoms), "steps": steps, "skin": skin, "builds": builds,
-              "rebuild_interval": steps / max(builds, 1), "amortized_ms": 1e3 * float(np.mean(spent)),
-              "scratch_ms": 1e3 * from_scratch}
-    print(f"Verlet list, {len(atoms)} atoms Cu at {temperature:.0f} K, 2 fs, skin {skin} Å: "
-          f"{builds} builds in {steps} steps (one every {result['rebuild_interval']:.1f} steps); "
-          f"amortized {result['amortized_ms']:.3f} ms/step vs {result['scratch_ms']:.3f} ms for a list "
-          f"from scratch every step ({result['scratch_ms'] / result['amortized_ms']:.1f}x)")
-    return result
+            verlet.update = timed_update
+            builds0 = verlet.builds
+            sim.run(steps)
+            builds = verlet.builds - builds0
+            rows.append({"skin": skin, "builds": builds, "candidates": verlet.n_candidates,
+                         "interval": steps / builds if builds else float("inf"),
+                         "amortized_ms": 1e3 * float(np.mean(spent)), "step_ms": 1e3 * sim.wall_time / steps})
+    lines = [f"Verlet list in {steps} steps of Langevin MD, {len(atoms)} atoms Cu (Morse, rc 5 Å), "
+             f"{temperature:.0f} K, 2 fs",
+             "| skin Å | builds | steps per build | candidates | list ms/step (amortized) | MD ms/step |",
+             "|---|---|---|---|---|---|"]
+    for row in rows:
+        interval = "never" if not row["builds"] else f"{row['interval']:.1f}"
+        lines.append(f"| {row['skin']} | {row['builds']} | {interval} | {row['candidates']} "
+                     f"| {row['amortized_ms']:.3f} | {row['step_ms']:.3f} |")
+    print("\n".join(lines))
+    return rows

@@ -98,6 +98,10 @@ class PotentialModule(nn.Module):
                 result["uncertainty"] = forces_std.max() * self.calibration_factor
             else:
                 result["uncertainty"] = torch.zeros((), dtype=dtype)
+        if not self.training:
+            # callers only read numbers: let the autograd graph go now, inside the call
+            for key in list(result.keys()):
+                result[key] = result[key].detach()
         return result
 
 
@@ -114,7 +118,8 @@ def export(model: nn.Module, path: str | os.PathLike, metadata: Dict[str, Any],
     import copy
 
     model = copy.deepcopy(model).eval()
-    module = PotentialModule(model, list(model.species), calibration_factor).to(_DTYPES[dtype])
+    # eval: forces without a double-backward graph (train() turns it on for fine-tuning)
+    module = PotentialModule(model, list(model.species), calibration_factor).to(_DTYPES[dtype]).eval()
     scripted = torch.jit.script(module)
     meta = dict(metadata)
     meta.setdefault(keys.META_CONTRACT, keys.CONTRACT_VERSION)
@@ -168,6 +173,8 @@ def load_module(path: str | os.PathLike, device: str = "cpu"):
     for key in (keys.META_CUTOFF, keys.META_SPECIES, keys.META_COMMITTEE, keys.META_DTYPE):
         if key not in meta:
             raise ModelFileError(f"model file {path!r}: metadata lacks {key!r}")
+    # files saved in training mode would build a double-backward graph on every call
+    module.eval()
     return module, meta
 
 

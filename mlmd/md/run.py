@@ -193,7 +193,8 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True) -> Dict
     if config.plot:
         summary["plot"] = plot_log(os.path.join(out, "log.csv"), os.path.join(out, "summary.png"),
                                    title=f"{os.path.basename(config.structure)} — {config.integrator}, "
-                                         f"{config.timestep} fs")
+                                         f"{config.timestep} fs",
+                                   target_temperature=config.temperature)
     return summary
 
 
@@ -225,7 +226,7 @@ def summarize(log_path: str, sim) -> Dict[str, Any]:
     return summary
 
 
-def plot_log(log_path: str, png_path: str, title: str = "") -> str:
+def plot_log(log_path: str, png_path: str, title: str = "", target_temperature: Optional[float] = None) -> str:
     """A PNG with energies, conserved-energy drift, temperature and (committee) uncertainty vs time."""
     import matplotlib
     matplotlib.use("Agg")
@@ -244,6 +245,8 @@ def plot_log(log_path: str, png_path: str, title: str = "") -> str:
     axes[1].set_ylabel("ΔE (eV)")
     axes[1].legend(loc="upper right", fontsize=8)
     axes[2].plot(t, log["temperature_K"], color="C3")
+    if target_temperature:
+        axes[2].axhline(target_temperature, color="k", ls="--", lw=0.8)
     axes[2].set_ylabel("T (K)")
     if panels == 4:
         axes[3].plot(t, log["uncertainty_eV_per_A"], color="C4")
