@@ -288,6 +288,30 @@ class Potential:
                             np.asarray(atoms.get_cell()), atoms.get_pbc(), stress=stress)
 
 
+def as_potential(model, device: Optional[str] = None, dtype: Optional[str] = None) -> Potential:
+    """A :class:`Potential` from a model file path or an existing one, on ``device`` and in ``dtype``.
+
+    What every host accepts as ``model``; ``device=None`` keeps a Potential's own device
+    ("cpu" for a path), ``dtype=None`` the file's.
+    """
+    if isinstance(model, Potential):
+        potential = model
+        if device is not None and device != potential.device:
+            if not potential.path:
+                raise InputError(f"device: the Potential lives on {potential.device!r} and has no "
+                                 f"file to reload on {device!r}; load it with mlmd.load(path, "
+                                 f"device={device!r}) or leave device unset")
+            potential = Potential.load(potential.path, device)
+    elif isinstance(model, (str, os.PathLike)):
+        potential = Potential.load(model, device or "cpu")
+    else:
+        raise InputError(f"model: expected a model file path or an mlmd.Potential, got "
+                         f"{type(model).__name__}")
+    if dtype is not None and dtype != potential.metadata[keys.META_DTYPE]:
+        potential = potential.with_dtype(dtype)
+    return potential
+
+
 def load(path: str | os.PathLike, device: str = "cpu") -> Potential:
     """Load a model file (TorchScript archive with mlmd metadata) as a :class:`Potential`."""
     return Potential.load(path, device)

@@ -329,7 +329,7 @@ def test_openmm_system_serialises_and_reloads_the_model(model_file, ethanol):
 
 
 def test_openmm_verlet_run(ethanol):
-    openmm = _openmm()
+    _openmm()
     from mlmd.plugins.openmm import create_python_force
 
     context = _context(ethanol, create_python_force(SHIPPED_MODEL, ethanol.numbers), "CPU")

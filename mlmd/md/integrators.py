@@ -181,7 +181,7 @@ class LangevinBAOAB(Integrator):
         return {**super().describe(), "temperature": self.temperature, "friction": self.friction}
 
 
-class Bussi(Integrator):
+class Bussi(VelocityVerlet):
     """NVT by stochastic velocity rescaling (Bussi, Donadio & Parrinello, JCP 126, 014101 (2007)).
 
     A thermostat half step of length dt/2 around each velocity-Verlet step rescales all
@@ -222,14 +222,9 @@ class Bussi(Integrator):
         state.bath_energy += new - kinetic
 
     def step(self, state, compute):
-        dt = self.timestep
         self._thermostat(state)
-        kernels.kick_drift(state.positions, state.velocities, state.forces, state.accel, dt)
-        compute(state)
-        kernels.kick(state.velocities, state.forces, state.accel, 0.5 * dt)
+        super().step(state, compute)
         self._thermostat(state)
-        state.step += 1
-        state.time += dt
 
     def describe(self):
         return {**super().describe(), "temperature": self.temperature, "tau": self.tau}

@@ -21,7 +21,7 @@ import torch
 
 from .. import keys
 from ..errors import InputError
-from ..potential import Potential
+from ..potential import Potential, as_potential
 from .integrators import (Integrator, MDState, degrees_of_freedom, make_integrator,
                           maxwell_boltzmann, remove_com_motion, temperature)
 
@@ -98,7 +98,7 @@ class Simulation:
                  timestep: float = 0.5, temperature: Optional[float] = None, friction: float = 1.0,
                  tau: float = 100.0, seed: Optional[int] = None, skin: float = 1.0,
                  fixed: Optional[Sequence] = None, remove_com: bool = True, dtype: Optional[str] = None,
-                 device: str = "cpu"):
+                 device: Optional[str] = None):
         if isinstance(atoms, (str, os.PathLike)):
             from .io import read_structure
             atoms = read_structure(atoms)
@@ -106,9 +106,7 @@ class Simulation:
             raise InputError(f"atoms: expected an ase.Atoms or a structure file, got {type(atoms).__name__}")
         if len(atoms) == 0:
             raise InputError("atoms: the structure has no atoms")
-        potential = model if isinstance(model, Potential) else Potential.load(model, device=device)
-        if dtype is not None and dtype != potential.metadata[keys.META_DTYPE]:
-            potential = potential.with_dtype(dtype)
+        potential = as_potential(model, device, dtype)
         if not isinstance(skin, (int, float)) or skin < 0:
             raise InputError(f"skin: must be a length >= 0 Å, got {skin!r}")
         self.atoms = atoms.copy()
@@ -197,7 +195,7 @@ class Simulation:
 
     def swap_model(self, model: Union[str, os.PathLike, Potential]) -> None:
         """Replace the model between steps (state, RNG and step count kept); forces recomputed."""
-        potential = model if isinstance(model, Potential) else Potential.load(model, device=self.potential.device)
+        potential = as_potential(model, self.potential.device)
         skin = self.forces.neighbors.skin
         self.potential = potential
         self.forces = ModelForces(potential, self.state.numbers, self.state.cell, self.state.pbc, skin)

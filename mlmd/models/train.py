@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from .. import keys
-from ..errors import DataError, InputError
+from ..errors import InputError
 from .data import fingerprint, read_dataset
 from .ponita import DEFAULT_HYPERPARAMETERS, PonitaPotential
 

@@ -6,7 +6,6 @@ sign, positive under tension), per-atom energies [N] eV.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import numpy as np
@@ -16,29 +15,9 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlmd import keys
 from mlmd.errors import InputError
-from mlmd.potential import Potential
+from mlmd.potential import as_potential
 
 __all__ = ["MLMDCalculator"]
-
-
-def _load_potential(model, device: Optional[str], dtype: Optional[str]) -> Potential:
-    """A :class:`Potential` from a path or an existing one, on ``device`` and in ``dtype``."""
-    if isinstance(model, Potential):
-        potential = model
-        if device is not None and device != potential.device:
-            if not potential.path:
-                raise InputError(f"device: the Potential lives on {potential.device!r} and has no "
-                                 f"file to reload on {device!r}; load it with mlmd.load(path, "
-                                 f"device={device!r}) or leave device unset")
-            potential = Potential.load(potential.path, device)
-    elif isinstance(model, (str, os.PathLike)):
-        potential = Potential.load(model, device or "cpu")
-    else:
-        raise InputError(f"model: expected a model file path or an mlmd.Potential, got "
-                         f"{type(model).__name__}")
-    if dtype is not None and dtype != potential.metadata[keys.META_DTYPE]:
-        potential = potential.with_dtype(dtype)
-    return potential
 
 
 class MLMDCalculator(Calculator):
@@ -79,7 +58,7 @@ class MLMDCalculator(Calculator):
         super().__init__(**kwargs)
         if skin < 0:
             raise InputError(f"skin: must be >= 0 Å, got {skin}")
-        self.potential = _load_potential(model, device, dtype)
+        self.potential = as_potential(model, device, dtype)
         self.skin = float(skin)
         self._module = self.potential.module
         self._device = torch.device(self.potential.device)

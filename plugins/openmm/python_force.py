@@ -7,7 +7,6 @@ the way in, energy eV -> kJ/mol and forces eV/Å -> kJ/mol/nm on the way out.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -15,7 +14,7 @@ import torch
 
 from mlmd import keys, units
 from mlmd.errors import InputError, missing_dependency
-from mlmd.potential import Potential
+from mlmd.potential import Potential, as_potential
 
 __all__ = ["create_python_force", "MLMDComputation"]
 
@@ -26,25 +25,6 @@ def _import_openmm():
     except ImportError:
         raise missing_dependency("openmm", "openmm", "mlmd's OpenMM force") from None
     return openmm
-
-
-def _as_potential(model, device: Optional[str], dtype: Optional[str]) -> Potential:
-    if isinstance(model, Potential):
-        potential = model
-        if device is not None and device != potential.device:
-            if not potential.path:
-                raise InputError(f"device: the Potential lives on {potential.device!r} and has no "
-                                 f"file to reload on {device!r}; load it with mlmd.load(path, "
-                                 f"device={device!r}) or leave device unset")
-            potential = Potential.load(potential.path, device)
-    elif isinstance(model, (str, os.PathLike)):
-        potential = Potential.load(model, device or "cpu")
-    else:
-        raise InputError(f"model: expected a model file path or an mlmd.Potential, got "
-                         f"{type(model).__name__}")
-    if dtype is not None and dtype != potential.metadata[keys.META_DTYPE]:
-        potential = potential.with_dtype(dtype)
-    return potential
 
 
 class MLMDComputation:
@@ -159,7 +139,7 @@ class MLMDComputation:
                 "periodic": self.periodic, "skin": self.skin}
 
     def __setstate__(self, state):
-        self.potential = _as_potential(state["path"], state["device"], state["dtype"])
+        self.potential = as_potential(state["path"], state["device"], state["dtype"])
         self.numbers = np.asarray(state["numbers"], dtype=np.int64)
         self.periodic = bool(state["periodic"])
         self.skin = float(state.get("skin", 0.0))
@@ -228,7 +208,7 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
         outputs and ``uncertainty`` can be read after a step.
     """
     openmm = _import_openmm()
-    potential = _as_potential(model, device, dtype)
+    potential = as_potential(model, device, dtype)
     numbers, topology = _numbers_from(topology_or_numbers)
     if atoms is not None:
         try:
