@@ -196,10 +196,11 @@ class Simulation:
     def swap_model(self, model: Union[str, os.PathLike, Potential]) -> None:
         """Replace the model between steps (state, RNG and step count kept); forces recomputed."""
         potential = as_potential(model, self.potential.device)
-        skin = self.forces.neighbors.skin
+        previous = self.forces.neighbors
         self.potential = potential
-        self.forces = ModelForces(potential, self.state.numbers, self.state.cell, self.state.pbc, skin)
+        self.forces = ModelForces(potential, self.state.numbers, self.state.cell, self.state.pbc, previous.skin)
         self.forces(self.state)
+        self.forces.neighbors.builds += previous.builds   # the log's count goes on across swaps
 
     def run(self, steps: int, progress: bool = False) -> None:
         """Advance ``steps`` steps, calling the observers; ``progress`` shows a bar with ns/day."""
