@@ -95,6 +95,33 @@ def _filter(positions, reference, cell, reference_cell, pbc, reference_pbc, max_
     return status, out_index, out_shifts
 
 
+@njit(cache=True)
+def _filter_into(positions, reference, cell, reference_cell, pbc, reference_pbc, max_move2,
+                 edge_index, shifts, cutoff2, keep, flat_index, out_shifts):
+    """:func:`_filter` into preallocated buffers: (status, count).
+
+    The kept pairs land in ``flat_index[:2 count]`` (row i then row j, so that a [2, count]
+    view of it is contiguous) and ``out_shifts[:count]``.  Reusing the buffers spares the
+    page faults of fresh allocations every MD step.
+    """
+    status = _check_moves(positions, reference, cell, reference_cell, pbc, reference_pbc,
+                          max_move2)
+    if status != _OK:
+        return status, 0
+    n_candidates = edge_index.shape[1]
+    count = _mark(positions, edge_index, shifts, cutoff2, keep, 0, n_candidates)
+    k = 0
+    for e in range(n_candidates):
+        if keep[e]:
+            flat_index[k] = edge_index[0, e]
+            flat_index[count + k] = edge_index[1, e]
+            out_shifts[k, 0] = shifts[e, 0]
+            out_shifts[k, 1] = shifts[e, 1]
+            out_shifts[k, 2] = shifts[e, 2]
+            k += 1
+    return status, count
+
+
 @njit(cache=True, parallel=True)
 def _filter_parallel(positions, reference, cell, reference_cell, pbc, reference_pbc, max_move2,
                      edge_index, shifts, cutoff2, n_chunks):
@@ -148,6 +175,10 @@ class VerletList:
         self._pbc = np.zeros(3, dtype=bool)
         self._edge_index = np.zeros((2, 0), dtype=np.int64)  # candidates [2, C]
         self._shifts = np.zeros((0, 3))                      # [C, 3] Å
+        # output buffers of the serial filter, reused between calls (see update)
+        self._keep = np.empty(0, dtype=np.bool_)
+        self._flat_index = np.empty(0, dtype=np.int64)
+        self._out_shifts = np.empty((0, 3))
 
     @property
     def n_candidates(self) -> int:
@@ -162,7 +193,8 @@ class VerletList:
         d_ij = positions[j] - positions[i] + shifts.  Rebuilds the candidates when an atom
         has moved more than skin / 2, or the cell, pbc or number of atoms changed.
         NumPy arrays (float64 C-contiguous positions and cell, bool pbc) are used as they
-        are; anything else is converted and checked first.
+        are; anything else is converted and checked first.  The returned arrays may be
+        buffers that the next call overwrites: copy them to keep them.
         """
         self.calls += 1
         if not (type(positions) is np.ndarray and positions.dtype == np.float64
@@ -186,8 +218,15 @@ class VerletList:
     def _filter(self, positions, cell, pbc):
         if (self._edge_index.shape[1] < PARALLEL_MIN_CANDIDATES
                 or (n_threads := numba.get_num_threads()) == 1):
-            return _filter(positions, self._positions, cell, self._cell, pbc, self._pbc,
-                           self._max_move2, self._edge_index, self._shifts, self._cutoff2)
+            n_candidates = self._edge_index.shape[1]
+            if self._keep.shape[0] != n_candidates:
+                self._keep = np.empty(n_candidates, dtype=np.bool_)
+                self._flat_index = np.empty(2 * n_candidates, dtype=np.int64)
+                self._out_shifts = np.empty((n_candidates, 3))
+            status, count = _filter_into(positions, self._positions, cell, self._cell, pbc, self._pbc,
+                                         self._max_move2, self._edge_index, self._shifts, self._cutoff2,
+                                         self._keep, self._flat_index, self._out_shifts)
+            return status, self._flat_index[:2 * count].reshape(2, count), self._out_shifts[:count]
         return _filter_parallel(positions, self._positions, cell, self._cell, pbc, self._pbc,
                                 self._max_move2, self._edge_index, self._shifts, self._cutoff2,
                                 4 * n_threads)
