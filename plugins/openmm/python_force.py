@@ -209,6 +209,21 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
     """
     openmm = _import_openmm()
     potential = as_potential(model, device, dtype)
+    numbers, atoms, periodic = _ml_region(potential, topology_or_numbers, atoms, periodic)
+    ml_numbers = numbers if atoms is None else numbers[atoms]
+    computation = MLMDComputation(potential, ml_numbers, bool(periodic), skin)
+    force = openmm.PythonForce(computation)
+    if atoms is not None:
+        force.setParticles([int(i) for i in atoms])
+    force.setUsesPeriodicBoundaryConditions(bool(periodic))
+    force.setName("MLMD")
+    # the SWIG object does not keep a Python reference we can reach; keep one for reporters
+    force.computation = computation
+    return force
+
+
+def _ml_region(potential, topology_or_numbers, atoms, periodic):
+    """(numbers [P] of all particles, ML particle indices or None for all, periodic: bool), checked."""
     numbers, topology = _numbers_from(topology_or_numbers)
     if atoms is not None:
         try:
@@ -228,13 +243,4 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
     potential.check_numbers(ml_numbers)
     if periodic is None:
         periodic = topology is not None and topology.getPeriodicBoxVectors() is not None
-
-    computation = MLMDComputation(potential, ml_numbers, bool(periodic), skin)
-    force = openmm.PythonForce(computation)
-    if atoms is not None:
-        force.setParticles([int(i) for i in atoms])
-    force.setUsesPeriodicBoundaryConditions(bool(periodic))
-    force.setName("MLMD")
-    # the SWIG object does not keep a Python reference we can reach; keep one for reporters
-    force.computation = computation
-    return force
+    return numbers, atoms, bool(periodic)

@@ -1,0 +1,149 @@
+"""An mlmd model as an openmm-torch ``TorchForce``: the model runs inside OpenMM's own loop.
+
+openmm-torch calls a TorchScript module with OpenMM's inputs only: positions [P, 3] nm of every
+particle and, for periodic systems, the box vectors [3, 3] nm.  :class:`TorchForceModule` is
+generated here from a model file (never written by users): it selects the ML particles,
+converts nm -> Å, builds the neighbour pairs inside TorchScript (periodic images of a
+triclinic box, boxes smaller than twice the cutoff included), calls the same scripted
+module as every other host, and returns the energy in kJ/mol with the forces in kJ/mol/nm
+(``setOutputsForces(True)``: the model's own autograd forces, no second backward pass).
+
+Pairs are found by testing every atom pair against every periodic image in range, in row
+blocks to bound the memory: O(N^2) work, fine up to a few thousand ML atoms.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mlmd import keys, units
+from mlmd.errors import InputError, missing_dependency
+from mlmd.potential import as_potential
+
+__all__ = ["TorchForceModule", "create_torch_force", "image_pairs"]
+
+
+@torch.jit.script
+def image_pairs(positions: Tensor, cell: Tensor, periodic: bool, cutoff: float,
+                block_elements: int = 4194304) -> Tuple[Tensor, Tensor]:
+    """Full neighbour list by direct search over atom pairs and periodic images.
+
+    positions [N, 3] Å (any, unwrapped allowed), cell [3, 3] Å (rows; used when periodic).
+    Returns edge_index [2, E] int64 (centre i, neighbour j) and shifts [E, 3] Å with
+    d_ij = positions[j] - positions[i] + shifts, |d_ij| < cutoff, as mlmd.neighbors does.
+    ``block_elements`` bounds the [rows, N] distance block computed at once (memory).
+    """
+    n_atoms = positions.shape[0]
+    dtype = positions.dtype
+    device = positions.device
+    if periodic:
+        frac = positions @ torch.linalg.inv(cell)
+        wrap = torch.floor(frac)
+        wrapped = positions - wrap @ cell                     # inside the cell: |Δfrac| < 1
+        volume = torch.abs(torch.linalg.det(cell))
+        areas = torch.linalg.norm(torch.linalg.cross(cell[torch.tensor([1, 2, 0])],
+                                                     cell[torch.tensor([2, 0, 1])]), dim=1)
+        reach = torch.ceil(cutoff * areas / volume).to(torch.long)   # images needed per axis
+        ranges = [torch.arange(-int(reach[k]), int(reach[k]) + 1, device=device) for k in range(3)]
+        images = torch.cartesian_prod(ranges[0], ranges[1], ranges[2]).to(dtype)   # [K, 3]
+    else:
+        wrap = torch.zeros_like(positions)
+        wrapped = positions
+        images = torch.zeros((1, 3), dtype=dtype, device=device)
+    translations = images @ cell if periodic else images
+    rows = max(1, block_elements // max(n_atoms, 1))
+    centres: list[Tensor] = []
+    neighbours: list[Tensor] = []
+    image_index: list[Tensor] = []
+    cutoff2 = cutoff * cutoff
+    for k in range(images.shape[0]):
+        zero_image = bool((images[k] == 0).all())
+        for start in range(0, n_atoms, rows):
+            stop = min(start + rows, n_atoms)
+            d = wrapped.unsqueeze(0) - wrapped[start:stop].unsqueeze(1) + translations[k]   # [B, N, 3]
+            inside = (d * d).sum(-1) < cutoff2
+            if zero_image:
+                own = torch.arange(start, stop, device=device)
+                inside[own - start, own] = False
+            hits = inside.nonzero()
+            centres.append(hits[:, 0] + start)
+            neighbours.append(hits[:, 1])
+            image_index.append(torch.full((hits.shape[0],), k, dtype=torch.long, device=device))
+    i = torch.cat(centres)
+    j = torch.cat(neighbours)
+    order = torch.argsort(i * n_atoms + j, stable=True)      # grouped by centre, as mlmd's lists
+    i, j = i[order], j[order]
+    cell_shifts = images[torch.cat(image_index)[order]] + wrap[i] - wrap[j]
+    shifts = cell_shifts @ cell if periodic else torch.zeros((i.shape[0], 3), dtype=dtype, device=device)
+    return torch.stack([i, j]), shifts
+
+
+class TorchForceModule(nn.Module):
+    """forward(positions [P,3] nm, box [3,3] nm or None) -> (energy kJ/mol, forces [P,3] kJ/mol/nm)."""
+
+    def __init__(self, core, numbers: Sequence[int], n_particles: int, atoms: Optional[Sequence[int]],
+                 periodic: bool, cutoff: float):
+        super().__init__()
+        self.core = core
+        self.register_buffer("numbers", torch.as_tensor(np.asarray(numbers, dtype=np.int64)))
+        index = np.arange(n_particles) if atoms is None else np.asarray(atoms, dtype=np.int64)
+        self.register_buffer("atoms", torch.as_tensor(index))
+        self.n_particles = int(n_particles)
+        self.periodic = bool(periodic)
+        self.cutoff = float(cutoff)
+        self.energy_scale = float(units.EV_TO_KJ_PER_MOL)
+        self.force_scale = float(units.EV_PER_ANGSTROM_TO_KJ_PER_MOL_NM)
+        self.to_angstrom = float(units.NM_TO_ANGSTROM)
+
+    def forward(self, positions: Tensor, box: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        ml = positions.index_select(0, self.atoms).to(torch.float64) * self.to_angstrom
+        if self.periodic:
+            if box is None:
+                raise ValueError("box: the force is periodic but OpenMM passed no box vectors")
+            cell = box.to(torch.float64) * self.to_angstrom
+        else:
+            cell = torch.zeros((3, 3), dtype=torch.float64, device=positions.device)
+        pbc = torch.full((3,), self.periodic, dtype=torch.bool, device=positions.device)
+        with torch.no_grad():
+            edge_index, shifts = image_pairs(ml, cell, self.periodic, self.cutoff)
+        out = self.core(ml, self.numbers, cell, pbc, edge_index, shifts, False)
+        energy = out["energy"].to(torch.float64) * self.energy_scale
+        forces = torch.zeros((self.n_particles, 3), dtype=torch.float64, device=positions.device)
+        forces = forces.index_copy(0, self.atoms, out["forces"].to(torch.float64) * self.force_scale)
+        return energy.to(positions.dtype), forces.to(positions.dtype)
+
+
+def _import_openmmtorch():
+    try:
+        import torch  # noqa: F401  (openmmtorch's library needs torch's loaded first)
+        import openmmtorch
+    except ImportError:
+        raise missing_dependency("openmmtorch", "openmm", "mlmd's TorchForce path") from None
+    except OSError as exc:   # built against another torch/CUDA: libnvrtc.so.12, undefined symbols
+        raise missing_dependency("openmmtorch", "openmm",
+                                 f"mlmd's TorchForce path (openmmtorch failed to load: {exc}; it needs "
+                                 f"the torch it was built with, torch {torch.__version__} is installed)") from None
+    return openmmtorch
+
+
+def create_torch_force(model, topology_or_numbers, atoms=None, periodic=None, *, device=None, dtype=None):
+    """An openmm-torch ``TorchForce`` evaluating an mlmd model inside OpenMM.
+
+    Arguments as :func:`~mlmd.plugins.openmm.create_python_force`.  The scripted module is
+    built here from the model file; energies in kJ/mol, forces in kJ/mol/nm.
+    """
+    from .python_force import _ml_region
+
+    openmmtorch = _import_openmmtorch()
+    potential = as_potential(model, device, dtype)
+    numbers, ml_atoms, periodic = _ml_region(potential, topology_or_numbers, atoms, periodic)
+    module = TorchForceModule(potential.module, numbers[ml_atoms] if ml_atoms is not None else numbers,
+                              len(numbers), ml_atoms, periodic, potential.cutoff)
+    force = openmmtorch.TorchForce(torch.jit.script(module))
+    force.setOutputsForces(True)
+    force.setUsesPeriodicBoundaryConditions(bool(periodic))
+    force.setName("MLMD")
+    return force
