@@ -425,3 +425,35 @@ def test_openmmtorch_deserialization_upstream():
     pytest.importorskip("openmmtorch")
     result = subprocess.run([sys.executable, "-c", _ROUND_TRIP], capture_output=True, timeout=120)
     assert result.returncode == 0, f"exit {result.returncode}"
+
+
+@pytest.mark.parametrize("path", ["auto", "python", "torch"])
+def test_openmmml_entry_point(model_file, potential, ethanol, path):
+    """MLPotential('mlmd', modelPath=...) from openmm-ml builds the system through the entry point."""
+    openmm = _openmm()
+    pytest.importorskip("openmmml")
+    from openmmml import MLPotential
+    from mlmd.md.io import openmm_topology
+
+    topology = openmm_topology(ethanol)
+    system = MLPotential("mlmd", modelPath=model_file, path=path).createSystem(topology)
+    forces = [f for f in system.getForces() if f.getName() == "MLMD"]
+    assert len(forces) == 1
+    kind = type(forces[0]).__name__
+    assert (kind == "PythonForce") == (path == "python"), kind
+    context = openmm.Context(system, openmm.VerletIntegrator(0.0005), openmm.Platform.getPlatformByName("Reference"))
+    energy, got, _ = _energy_forces(context, ethanol.positions)
+    ref = reference(potential, ethanol)
+    assert energy == pytest.approx(float(ref["energy"]), rel=1e-10)
+    np.testing.assert_allclose(got, ref["forces"], atol=1e-9 * np.abs(ref["forces"]).max())
+
+
+def test_openmmml_needs_model_path():
+    pytest.importorskip("openmmml")
+    from openmmml import MLPotential
+
+    with pytest.raises(InputError, match="modelPath"):
+        MLPotential("mlmd")
+    from mlmd.plugins.openmm import create_force
+    with pytest.raises(InputError, match="path"):
+        create_force(SHIPPED_MODEL, [6, 6, 8], path="gpu")

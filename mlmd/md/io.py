@@ -51,6 +51,22 @@ def mdtraj_topology(atoms):
     return top
 
 
+def openmm_topology(atoms):
+    """A one-chain, one-residue ``openmm.app.Topology`` with the elements of ``atoms``, and its
+    box vectors (nm) when ``atoms`` is periodic along all three axes."""
+    from openmm import Vec3, app
+
+    top = app.Topology()
+    residue = top.addResidue("MOL", top.addChain())
+    for index, z in enumerate(atoms.get_atomic_numbers()):
+        element = app.Element.getByAtomicNumber(int(z))
+        top.addAtom(f"{element.symbol}{index + 1}", element, residue)
+    if np.all(atoms.get_pbc()):
+        cell = np.asarray(atoms.get_cell()) * units.ANGSTROM_TO_NM
+        top.setPeriodicBoxVectors([Vec3(*row) for row in cell])
+    return top
+
+
 class TrajectoryWriter:
     """Append frames to a DCD (OpenMM's DCDFile), XTC (mdtraj) or extxyz (ASE) file.
 
@@ -82,21 +98,8 @@ class TrajectoryWriter:
         self._file = open(self.path, "r+b" if append else "wb")
         if append:
             self._file.seek(0, os.SEEK_END)
-        self._writer = app.DCDFile(self._file, self._openmm_topology(), self.timestep_fs * 1e-3,
+        self._writer = app.DCDFile(self._file, openmm_topology(self.atoms), self.timestep_fs * 1e-3,
                                    0, self.interval, append=append)
-
-    def _openmm_topology(self):
-        from openmm import Vec3, app
-
-        top = app.Topology()
-        residue = top.addResidue("MOL", top.addChain())
-        for index, z in enumerate(self.atoms.get_atomic_numbers()):
-            element = app.Element.getByAtomicNumber(int(z))
-            top.addAtom(f"{element.symbol}{index + 1}", element, residue)
-        if self.periodic:
-            cell = np.asarray(self.atoms.get_cell()) * units.ANGSTROM_TO_NM
-            top.setPeriodicBoxVectors([Vec3(*row) for row in cell])
-        return top
 
     def write(self, positions, cell, step: int, time_fs: float, info=None) -> None:
         """positions [N,3] Å, cell [3,3] Å."""

@@ -15,6 +15,24 @@ OpenMM's C++ loop, with its neighbour pairs built in TorchScript (same arguments
 missing.
 """
 from .python_force import MLMDComputation, create_python_force
-from .torch_force import TorchForceModule, create_torch_force
+from .torch_force import TorchForceModule, create_torch_force, torch_force_available
 
-__all__ = ["create_python_force", "create_torch_force", "MLMDComputation", "TorchForceModule"]
+__all__ = ["create_force", "create_python_force", "create_torch_force", "MLMDComputation",
+           "TorchForceModule", "torch_force_available"]
+
+PATHS = ("auto", "torch", "python")
+
+
+def create_force(model, topology_or_numbers, atoms=None, periodic=None, path: str = "auto", **kwargs):
+    """The mlmd force for an OpenMM System, on the path asked for.
+
+    path "auto": openmm-torch's TorchForce when openmmtorch loads with this torch, else
+    OpenMM's PythonForce (which works with any torch); "torch" or "python" to choose.  Both
+    give the same energies and forces.  Other arguments as :func:`create_python_force`.
+    """
+    if path not in PATHS:
+        from mlmd.errors import InputError
+        raise InputError(f"path: expected one of {PATHS}, got {path!r}")
+    if path == "torch" or (path == "auto" and torch_force_available()):
+        return create_torch_force(model, topology_or_numbers, atoms=atoms, periodic=periodic, **kwargs)
+    return create_python_force(model, topology_or_numbers, atoms=atoms, periodic=periodic, **kwargs)

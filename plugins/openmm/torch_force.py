@@ -23,7 +23,7 @@ from mlmd import keys, units
 from mlmd.errors import InputError, missing_dependency
 from mlmd.potential import as_potential
 
-__all__ = ["TorchForceModule", "create_torch_force", "image_pairs"]
+__all__ = ["TorchForceModule", "create_torch_force", "image_pairs", "torch_force_available"]
 
 
 @torch.jit.script
@@ -127,6 +127,15 @@ def _import_openmmtorch():
                                  f"mlmd's TorchForce path (openmmtorch failed to load: {exc}; it needs "
                                  f"the torch it was built with, torch {torch.__version__} is installed)") from None
     return openmmtorch
+
+
+def torch_force_available() -> bool:
+    """True when openmmtorch imports and loads with the installed torch."""
+    try:
+        _import_openmmtorch()
+    except ImportError:
+        return False
+    return True
 
 
 def create_torch_force(model, topology_or_numbers, atoms=None, periodic=None, *, device=None, dtype=None):

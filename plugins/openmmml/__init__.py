@@ -1,0 +1,56 @@
+"""mlmd for openmm-ml: ``MLPotential('mlmd', modelPath='model.pt')``.
+
+Registered through the ``openmmml.potentials`` entry point (pyproject.toml), so that, once
+mlmd is installed, openmm-ml users write
+
+    from openmmml import MLPotential
+    potential = MLPotential("mlmd", modelPath="systems/ethanol/ethanol_committee.pt")
+    system = potential.createSystem(topology)                           # all atoms ML
+    mixed = potential.createMixedSystem(topology, mm_system, ml_atoms)   # ML/MM
+
+Extra arguments of ``MLPotential``/``createSystem``: ``modelPath`` (required), ``path``
+("auto": openmm-torch's TorchForce when it loads, else OpenMM's PythonForce; or "torch" /
+"python"), ``device``, ``dtype``.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import openmm
+import openmm.app
+from openmmml.mlpotential import MLPotentialImpl, MLPotentialImplFactory
+
+from mlmd.errors import InputError
+
+__all__ = ["MLMDPotentialImplFactory", "MLMDPotentialImpl"]
+
+
+class MLMDPotentialImplFactory(MLPotentialImplFactory):
+    """Creates :class:`MLMDPotentialImpl` for the name "mlmd"."""
+
+    def createImpl(self, name: str, modelPath: Optional[str] = None, **args) -> MLPotentialImpl:
+        if modelPath is None:
+            raise InputError("modelPath: MLPotential('mlmd') needs the model file, e.g. "
+                             "MLPotential('mlmd', modelPath='systems/ethanol/ethanol_committee.pt')")
+        return MLMDPotentialImpl(modelPath, **args)
+
+
+class MLMDPotentialImpl(MLPotentialImpl):
+    """Adds the mlmd force (TorchForce or PythonForce path) for the ML atoms."""
+
+    def __init__(self, modelPath: str, path: str = "auto", device: Optional[str] = None,
+                 dtype: Optional[str] = None):
+        from mlmd.potential import as_potential
+
+        self.potential = as_potential(modelPath, device, dtype)
+        self.path = path
+
+    def addForces(self, topology: openmm.app.Topology, system: openmm.System,
+                  atoms: Optional[Iterable[int]], forceGroup: int, path: Optional[str] = None,
+                  **args) -> None:
+        from mlmd.plugins.openmm import create_force
+
+        force = create_force(self.potential, topology, atoms=None if atoms is None else list(atoms),
+                             path=path or self.path)
+        force.setForceGroup(forceGroup)
+        system.addForce(force)
