@@ -15,10 +15,11 @@ OpenMM's C++ loop, with its neighbour pairs built in TorchScript (same arguments
 missing.
 """
 from .python_force import MLMDComputation, create_python_force
+from .reporter import UncertaintyReporter, swap_model
 from .torch_force import TorchForceModule, create_torch_force, torch_force_available
 
 __all__ = ["create_force", "create_python_force", "create_torch_force", "MLMDComputation",
-           "TorchForceModule", "torch_force_available"]
+           "TorchForceModule", "torch_force_available", "UncertaintyReporter", "swap_model"]
 
 PATHS = ("auto", "torch", "python")
 
