@@ -19,8 +19,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mlmd import keys, units
-from mlmd.errors import InputError, missing_dependency
+from mlmd import units
+from mlmd.errors import missing_dependency
 from mlmd.potential import as_potential
 
 __all__ = ["TorchForceModule", "create_torch_force", "image_pairs", "torch_force_available"]
