@@ -545,3 +545,53 @@ def test_uncertainty_reporter_and_swap(model_file, potential, ethanol, tmp_path)
         from mlmd.models.pair import export_morse
         export_morse(single, species=(1, 6, 8))
         plug.UncertaintyReporter(tmp_path / "x.csv", 5, str(single), simulation.topology)
+
+
+def test_openmm_bad_input(model_file, tmp_path, monkeypatch, ethanol):
+    """openmm-torch missing or unloadable: clear message for path='torch', PythonForce for 'auto';
+    elements the model lacks and files from a newer contract are refused on both paths."""
+    _openmm()
+    import mlmd.plugins.openmm.torch_force as torch_force
+    from mlmd import keys
+    from mlmd.errors import ModelFileError
+    from mlmd.plugins.openmm import create_force
+
+    def broken():
+        raise torch_force.missing_dependency(
+            "openmmtorch", "openmm", "mlmd's TorchForce path (openmmtorch failed to load: libnvrtc.so.12)")
+
+    monkeypatch.setattr(torch_force, "_import_openmmtorch", broken)
+    assert type(create_force(model_file, ethanol.numbers)).__name__ == "PythonForce"
+    with pytest.raises(ImportError, match="openmmtorch failed to load.*pip install"):
+        create_force(model_file, ethanol.numbers, path="torch")
+    monkeypatch.undo()
+
+    iron = ethanol.numbers.copy()
+    iron[0] = 26
+    for path in ("python", "torch"):
+        with pytest.raises(InputError, match="Fe"):
+            create_force(model_file, iron, path=path)
+
+    from conftest import make_model
+    from mlmd.potential import export
+    future = tmp_path / "future.pt"
+    export(make_model(), future, {keys.META_CONTRACT: "99.0"})
+    for path in ("python", "torch"):
+        with pytest.raises(ModelFileError, match="newer than this mlmd"):
+            create_force(str(future), ethanol.numbers, path=path)
+
+
+@pytest.mark.parametrize("path", ["torch", "python"])
+def test_openmm_checkpoint_continues(model_file, ethanol, tmp_path, path):
+    """Simulation.saveCheckpoint / loadCheckpoint: the continued run equals the uninterrupted one."""
+    openmm = _openmm()
+    simulation = _app_simulation(model_file, ethanol, openmm.VerletIntegrator(0.5e-3), path=path)
+    simulation.context.setVelocitiesToTemperature(300, 2)
+    simulation.step(10)
+    simulation.saveCheckpoint(str(tmp_path / "omm.chk"))
+    simulation.step(10)
+    straight = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value
+    simulation.loadCheckpoint(str(tmp_path / "omm.chk"))
+    simulation.step(10)
+    resumed = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value
+    np.testing.assert_array_equal(resumed, straight)
