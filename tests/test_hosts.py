@@ -352,19 +352,26 @@ def _pair_set(edge_index, shifts, cell):
     return {(int(i), int(j), *map(int, s)) for i, j, s in zip(edge_index[0], edge_index[1], cell_shifts)}
 
 
-@pytest.mark.parametrize("case", ["open", "triclinic", "small_cell", "unwrapped"])
-def test_torchscript_pairs_equal_numba_list(case):
+@pytest.mark.parametrize("search", ["image_pairs", "cell_list_pairs"])
+@pytest.mark.parametrize("case", ["open", "sparse_open", "triclinic", "small_cell", "unwrapped"])
+def test_torchscript_pairs_equal_numba_list(case, search):
     """The TorchForce module's in-TorchScript pairs equal mlmd.neighbors' (pairs and shifts)."""
     import torch
     from mlmd.neighbors import neighbor_list
-    from mlmd.plugins.openmm.torch_force import image_pairs
+    from mlmd.plugins.openmm import torch_force
 
     rng = np.random.default_rng(1)
     cutoff = 4.0
-    if case == "open":
-        positions, cell, periodic = rng.uniform(0, 9, (40, 3)), np.zeros((3, 3)), False
+    # the cell list needs boxes >= 3 cutoffs across; the direct search takes any box
+    scale = 1.0 if search == "image_pairs" else 1.6
+    if case == "small_cell" and search == "cell_list_pairs":
+        pytest.skip("boxes under three cutoffs go to the direct search (neighbor_pairs_torch)")
+    if case in ("open", "sparse_open"):
+        positions, cell, periodic = rng.uniform(0, 9 * scale, (60, 3)), np.zeros((3, 3)), False
+        if case == "sparse_open":   # two clusters far apart: the bin grid is capped
+            positions[30:] += 500.0
     else:
-        cell = np.array([[9.0, 0, 0], [2.5, 8.0, 0], [-1.5, 3.0, 8.5]])
+        cell = np.array([[9.0, 0, 0], [2.5, 8.0, 0], [-1.5, 3.0, 8.5]]) * scale
         if case == "small_cell":    # box thinner than twice the cutoff: several images of each atom
             cell = np.array([[3.1, 0, 0], [1.2, 2.9, 0], [0.8, -1.1, 3.3]])
         positions = rng.uniform(0, 1, (30, 3)) @ cell
@@ -372,7 +379,8 @@ def test_torchscript_pairs_equal_numba_list(case):
             positions += rng.integers(-2, 3, (30, 1)) * cell[0] + rng.integers(-1, 2, (30, 1)) * cell[2]
         periodic = True
     ours = neighbor_list(positions, cell, [periodic] * 3, cutoff)
-    edge_index, shifts = image_pairs(torch.tensor(positions), torch.tensor(cell), periodic, cutoff)
+    pairs = getattr(torch_force, search)
+    edge_index, shifts = pairs(torch.tensor(positions), torch.tensor(cell), periodic, cutoff)
     got = _pair_set(edge_index.numpy(), shifts.numpy(), cell)
     want = _pair_set(ours.edge_index, ours.shifts, cell)
     assert len(want) > 0 and got == want
@@ -595,3 +603,22 @@ def test_openmm_checkpoint_continues(model_file, ethanol, tmp_path, path):
     simulation.step(10)
     resumed = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value
     np.testing.assert_array_equal(resumed, straight)
+
+
+def test_torch_force_cell_list_path(tmp_path):
+    """500 Cu atoms in an 18 Å box: the TorchForce module takes its O(N) cell list and still
+    equals the model's direct evaluation."""
+    _openmm()
+    import mlmd
+    from ase.build import bulk
+    from mlmd.models.pair import export_morse
+    from mlmd.plugins.openmm import create_torch_force
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(5)
+    atoms.rattle(0.05, seed=2)
+    model = export_morse(tmp_path / "cu.pt", cutoff=5.0)
+    ref = mlmd.load(model).compute_atoms(atoms)
+    context = _context(atoms, create_torch_force(model, atoms.numbers, periodic=True), "Reference")
+    energy, forces, _ = _energy_forces(context, atoms.positions)
+    assert energy == pytest.approx(float(ref["energy"]), rel=1e-10)
+    np.testing.assert_allclose(forces, ref["forces"], atol=1e-9 * np.abs(ref["forces"]).max())

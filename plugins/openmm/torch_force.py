@@ -8,8 +8,9 @@ triclinic box, boxes smaller than twice the cutoff included), calls the same scr
 module as every other host, and returns the energy in kJ/mol with the forces in kJ/mol/nm
 (``setOutputsForces(True)``: the model's own autograd forces, no second backward pass).
 
-Pairs are found by testing every atom pair against every periodic image in range, in row
-blocks to bound the memory: O(N^2) work, fine up to a few thousand ML atoms.
+Pairs: an O(N) cell list (27 bins around each atom's) for larger systems; a direct search
+over atom pairs and periodic images (in row blocks, to bound memory) below 256 atoms and for
+boxes less than three cutoffs across.
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ from mlmd import units
 from mlmd.errors import missing_dependency
 from mlmd.potential import as_potential
 
-__all__ = ["TorchForceModule", "create_torch_force", "image_pairs", "torch_force_available"]
+__all__ = ["TorchForceModule", "create_torch_force", "image_pairs", "cell_list_pairs",
+           "neighbor_pairs_torch", "torch_force_available"]
 
 
 @torch.jit.script
@@ -81,6 +83,100 @@ def image_pairs(positions: Tensor, cell: Tensor, periodic: bool, cutoff: float,
     return torch.stack([i, j]), shifts
 
 
+@torch.jit.script
+def cell_list_pairs(positions: Tensor, cell: Tensor, periodic: bool, cutoff: float) -> Tuple[Tensor, Tensor]:
+    """Full neighbour list by an O(N) cell list (same contract as :func:`image_pairs`).
+
+    Bins at least ``cutoff`` wide along each cell axis (each Cartesian axis of the bounding
+    box when open); every atom looks at the 27 bins around its own.  Periodic axes need at
+    least 3 bins (a box at least 3 cutoffs across): :func:`neighbor_pairs_torch` falls back to
+    :func:`image_pairs` otherwise.
+    """
+    n_atoms = positions.shape[0]
+    dtype = positions.dtype
+    device = positions.device
+    if periodic:
+        frac = positions @ torch.linalg.inv(cell)
+        wrap = torch.floor(frac)
+        frac = frac - wrap
+        wrapped = positions - wrap @ cell
+        volume = torch.abs(torch.linalg.det(cell))
+        heights = volume / torch.linalg.norm(torch.linalg.cross(cell[torch.tensor([1, 2, 0])],
+                                                                cell[torch.tensor([2, 0, 1])]), dim=1)
+        n_bins = torch.clamp(torch.floor(heights / cutoff), min=1.0).to(torch.long)
+    else:
+        low = positions.min(dim=0).values
+        span = positions.max(dim=0).values - low
+        frac = (positions - low) / (span + 1e-9)
+        wrap = torch.zeros_like(positions)
+        wrapped = positions
+        n_bins = torch.clamp(torch.floor(span / cutoff), min=1.0).to(torch.long)
+        limit = 8 * n_atoms + 64           # sparse systems: wider bins, never a huge empty grid
+        total = int(n_bins.prod())
+        if total > limit:
+            shrink = (float(total) / float(limit)) ** (1.0 / 3.0)
+            n_bins = torch.clamp(torch.floor(n_bins.to(dtype) / shrink), min=1.0).to(torch.long)
+    bins = torch.minimum(torch.floor(frac * n_bins.to(dtype)).to(torch.long), n_bins - 1).clamp(min=0)
+    strides = torch.stack([n_bins[1] * n_bins[2], n_bins[2], torch.ones_like(n_bins[2])])
+    bin_id = (bins * strides).sum(dim=1)
+    order = torch.argsort(bin_id)
+    counts = torch.bincount(bin_id, minlength=int(n_bins.prod()))
+    starts = torch.cumsum(counts, 0) - counts
+    atom = torch.arange(n_atoms, device=device)
+    centres: list[Tensor] = []
+    neighbours: list[Tensor] = []
+    images: list[Tensor] = []
+    cutoff2 = cutoff * cutoff
+    offsets = torch.cartesian_prod(torch.arange(-1, 2, device=device), torch.arange(-1, 2, device=device),
+                                   torch.arange(-1, 2, device=device))
+    for k in range(offsets.shape[0]):
+        target = bins + offsets[k]
+        if periodic:
+            image = torch.div(target, n_bins, rounding_mode="floor")
+            target = target - image * n_bins
+            valid = torch.ones(n_atoms, dtype=torch.bool, device=device)
+        else:
+            image = torch.zeros_like(target)
+            valid = ((target >= 0) & (target < n_bins)).all(dim=1)
+            target = torch.minimum(target.clamp(min=0), n_bins - 1)
+        target_id = (target * strides).sum(dim=1)
+        count = torch.where(valid, counts[target_id], torch.zeros_like(target_id))
+        i = torch.repeat_interleave(atom, count)
+        first = torch.repeat_interleave(starts[target_id], count)
+        local = torch.arange(i.shape[0], device=device) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+        j = order[first + local]
+        shift = image[i].to(dtype)
+        d = wrapped[j] - wrapped[i] + (shift @ cell if periodic else shift)
+        keep = (d * d).sum(dim=1) < cutoff2
+        keep = keep & ~((i == j) & (shift == 0).all(dim=1))
+        centres.append(i[keep])
+        neighbours.append(j[keep])
+        images.append(shift[keep])
+    i = torch.cat(centres)
+    j = torch.cat(neighbours)
+    order = torch.argsort(i * n_atoms + j, stable=True)
+    i, j = i[order], j[order]
+    cell_shifts = torch.cat(images)[order] + wrap[i] - wrap[j]
+    shifts = cell_shifts @ cell if periodic else torch.zeros((i.shape[0], 3), dtype=dtype, device=device)
+    return torch.stack([i, j]), shifts
+
+
+@torch.jit.script
+def neighbor_pairs_torch(positions: Tensor, cell: Tensor, periodic: bool, cutoff: float,
+                         direct_below: int = 256) -> Tuple[Tensor, Tensor]:
+    """The TorchForce module's pairs: direct search for small systems and for boxes under three
+    cutoffs across (several images per atom), the O(N) cell list otherwise."""
+    if positions.shape[0] < direct_below:
+        return image_pairs(positions, cell, periodic, cutoff)
+    if periodic:
+        volume = torch.abs(torch.linalg.det(cell))
+        heights = volume / torch.linalg.norm(torch.linalg.cross(cell[torch.tensor([1, 2, 0])],
+                                                                cell[torch.tensor([2, 0, 1])]), dim=1)
+        if bool((heights < 3.0 * cutoff).any()):
+            return image_pairs(positions, cell, periodic, cutoff)
+    return cell_list_pairs(positions, cell, periodic, cutoff)
+
+
 class TorchForceModule(nn.Module):
     """forward(positions [P,3] nm, box [3,3] nm or None) -> (energy kJ/mol, forces [P,3] kJ/mol/nm)."""
 
@@ -108,7 +204,7 @@ class TorchForceModule(nn.Module):
             cell = torch.zeros((3, 3), dtype=torch.float64, device=positions.device)
         pbc = torch.full((3,), self.periodic, dtype=torch.bool, device=positions.device)
         with torch.no_grad():
-            edge_index, shifts = image_pairs(ml, cell, self.periodic, self.cutoff)
+            edge_index, shifts = neighbor_pairs_torch(ml, cell, self.periodic, self.cutoff)
         out = self.core(ml, self.numbers, cell, pbc, edge_index, shifts, False)
         energy = out["energy"].to(torch.float64) * self.energy_scale
         forces = torch.zeros((self.n_particles, 3), dtype=torch.float64, device=positions.device)
