@@ -172,12 +172,12 @@ def md_drivers(potential, atoms, timestep: float, steps: int, rounds: int = 5, w
             for name, rows in samples.items()}
 
 
-def _openmm_stepper(potential, atoms, timestep: float):
+def _openmm_stepper(potential, atoms, timestep: float, path: str = "python"):
     import openmm
     from openmm import unit
 
     from . import units
-    from .plugins.openmm import create_python_force
+    from .plugins.openmm import create_python_force, create_torch_force
 
     system = openmm.System()
     for mass in atoms.get_masses():
@@ -185,8 +185,11 @@ def _openmm_stepper(potential, atoms, timestep: float):
     if atoms.pbc.all():
         a, b, c = (openmm.Vec3(*row) * units.ANGSTROM_TO_NM for row in np.asarray(atoms.cell))
         system.setDefaultPeriodicBoxVectors(a, b, c)
-    system.addForce(create_python_force(potential, atoms.get_atomic_numbers(), periodic=bool(atoms.pbc.all()),
-                                        skin=1.0))
+    if path == "python":
+        force = create_python_force(potential, atoms.get_atomic_numbers(), periodic=bool(atoms.pbc.all()), skin=1.0)
+    else:
+        force = create_torch_force(potential, atoms.get_atomic_numbers(), periodic=bool(atoms.pbc.all()))
+    system.addForce(force)
     integrator = openmm.VerletIntegrator(timestep * 1e-3)   # ps
     context = openmm.Context(system, integrator, openmm.Platform.getPlatformByName("CPU"))
     context.setPositions(atoms.positions * units.ANGSTROM_TO_NM * unit.nanometer)
@@ -293,3 +296,52 @@ def bench_skin(n_cells: int = 8, steps: int = 2000, skins=(0.0, 0.25, 0.5, 1.0),
                      f"| {row['amortized_ms']:.3f} | {row['step_ms']:.3f} |")
     print("\n".join(lines))
     return rows
+
+
+def bench_openmm(ethanol_model: str, steps: int = 200, rounds: int = 5, sizes=(300, 3000, 30000)) -> Dict:
+    """OpenMM (CPU platform) step time on the TorchForce and PythonForce paths vs the bare model
+    call on the same frame, and the TorchForce module's in-TorchScript pair search vs the Numba
+    list at ``sizes`` atoms (random atoms at liquid-water density, 0.1 Å^-3, rc 5 Å)."""
+    import ase.io
+
+    from .md.integrators import maxwell_boltzmann
+    from .plugins.openmm.torch_force import neighbor_pairs_torch
+    from .potential import load
+    from . import units
+    from .neighbors import neighbor_list
+
+    potential = load(ethanol_model)
+    atoms = ase.io.read(os.path.join(_ROOT, "systems", "ethanol", "ethanol.xyz"))
+    velocities = maxwell_boltzmann(atoms.get_masses(), 300.0, np.random.default_rng(0))
+    atoms.set_momenta(velocities * atoms.get_masses()[:, None] / units.FS)
+    args = _module_args(potential, atoms)
+    runners = {"bare call": lambda n: [potential.module(*args) for _ in range(n)]}
+    for path in ("torch", "python"):
+        runners[path] = _openmm_stepper(potential, atoms, 0.5, path)
+    for run_steps in runners.values():
+        run_steps(10)
+    best = {name: float("inf") for name in runners}
+    for _ in range(rounds):
+        for name, run_steps in runners.items():
+            t0 = time.perf_counter()
+            run_steps(steps)
+            best[name] = min(best[name], (time.perf_counter() - t0) / steps)
+    lines = [f"OpenMM CPU platform, {os.path.basename(ethanol_model)} on ethanol ({len(atoms)} atoms), "
+             f"fastest of {rounds} rounds of {steps} steps",
+             "| | ms/step | × bare call |", "|---|---|---|"]
+    for name, seconds in best.items():
+        lines.append(f"| {name} | {seconds * 1e3:.3f} | {seconds / best['bare call']:.2f} |")
+    rng = np.random.default_rng(0)
+    lines += ["", "Pair search of the TorchForce module (TorchScript) vs mlmd.neighbors (Numba), rc 5 Å",
+              "| atoms | TorchScript ms | Numba ms | ratio |", "|---|---|---|---|"]
+    scaling = {}
+    for n in sizes:
+        box = (n / 0.1) ** (1.0 / 3.0)
+        positions = rng.uniform(0.0, box, (n, 3))
+        cell = np.eye(3) * box
+        ts = _time_call(lambda: neighbor_pairs_torch(torch.tensor(positions), torch.tensor(cell), True, 5.0), 3, 1)
+        nb = _time_call(lambda: neighbor_list(positions, cell, [True] * 3, 5.0), 3, 1)
+        scaling[n] = (ts, nb)
+        lines.append(f"| {n} | {ts * 1e3:.1f} | {nb * 1e3:.2f} | {ts / nb:.0f} |")
+    print("\n".join(lines))
+    return {"steps": best, "pairs": scaling}

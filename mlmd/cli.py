@@ -114,6 +114,8 @@ def _cmd_bench(args) -> int:
         bench.bench_skin()
     elif args.name == "md":
         bench.bench_md(ethanol_model=args.model)
+    elif args.name == "openmm":
+        bench.bench_openmm(args.model)
     return 0
 
 
@@ -172,9 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("bench", help="side-by-side benchmarks (ratios printed)")
-    p.add_argument("name", choices=["committee", "neighbors", "md"],
+    p.add_argument("name", choices=["committee", "neighbors", "md", "openmm"],
                    help="committee: M members vs one; neighbors: our list vs vesin/matscipy/ASE and "
-                        "the Verlet skin; md: engine overhead vs ASE and OpenMM")
+                        "the Verlet skin; md: engine overhead vs ASE and OpenMM; openmm: TorchForce "
+                        "and PythonForce paths vs the bare model call")
     p.add_argument("--model", default=os.path.join(_ROOT, "systems", "ethanol", "ethanol_committee.pt"),
                    help="model file whose hyper-parameters, dtype and example frame are used")
     p.add_argument("--members", type=int, nargs="+", default=[1, 2, 4, 8])
