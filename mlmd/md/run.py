@@ -184,7 +184,7 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True) -> Dict
     finally:
         log.close()
         trajectory.writer.close()
-    if sim.state.step % config.log_interval:
+    if sim.steps_run and sim.state.step % config.log_interval:
         log(sim)            # the exit state is always in the log
         log.close()
     checkpointer(sim)       # and in the checkpoint
