@@ -29,6 +29,15 @@ __all__ = ["TorchForceModule", "create_torch_force", "image_pairs", "cell_list_p
 
 
 @torch.jit.script
+def cell_heights(cell: Tensor) -> Tensor:
+    """[3] Å: the distance between opposite faces of the cell along each lattice vector."""
+    volume = torch.abs(torch.linalg.det(cell))
+    areas = torch.linalg.norm(torch.linalg.cross(cell[torch.tensor([1, 2, 0])], cell[torch.tensor([2, 0, 1])]),
+                              dim=1)
+    return volume / areas
+
+
+@torch.jit.script
 def image_pairs(positions: Tensor, cell: Tensor, periodic: bool, cutoff: float,
                 block_elements: int = 4194304) -> Tuple[Tensor, Tensor]:
     """Full neighbour list by direct search over atom pairs and periodic images.
@@ -42,13 +51,9 @@ def image_pairs(positions: Tensor, cell: Tensor, periodic: bool, cutoff: float,
     dtype = positions.dtype
     device = positions.device
     if periodic:
-        frac = positions @ torch.linalg.inv(cell)
-        wrap = torch.floor(frac)
+        wrap = torch.floor(positions @ torch.linalg.inv(cell))
         wrapped = positions - wrap @ cell                     # inside the cell: |Δfrac| < 1
-        volume = torch.abs(torch.linalg.det(cell))
-        areas = torch.linalg.norm(torch.linalg.cross(cell[torch.tensor([1, 2, 0])],
-                                                     cell[torch.tensor([2, 0, 1])]), dim=1)
-        reach = torch.ceil(cutoff * areas / volume).to(torch.long)   # images needed per axis
+        reach = torch.ceil(cutoff / cell_heights(cell)).to(torch.long)   # images needed per axis
         ranges = [torch.arange(-int(reach[k]), int(reach[k]) + 1, device=device) for k in range(3)]
         images = torch.cartesian_prod(ranges[0], ranges[1], ranges[2]).to(dtype)   # [K, 3]
     else:
@@ -100,10 +105,7 @@ def cell_list_pairs(positions: Tensor, cell: Tensor, periodic: bool, cutoff: flo
         wrap = torch.floor(frac)
         frac = frac - wrap
         wrapped = positions - wrap @ cell
-        volume = torch.abs(torch.linalg.det(cell))
-        heights = volume / torch.linalg.norm(torch.linalg.cross(cell[torch.tensor([1, 2, 0])],
-                                                                cell[torch.tensor([2, 0, 1])]), dim=1)
-        n_bins = torch.clamp(torch.floor(heights / cutoff), min=1.0).to(torch.long)
+        n_bins = torch.clamp(torch.floor(cell_heights(cell) / cutoff), min=1.0).to(torch.long)
     else:
         low = positions.min(dim=0).values
         span = positions.max(dim=0).values - low
@@ -169,10 +171,7 @@ def neighbor_pairs_torch(positions: Tensor, cell: Tensor, periodic: bool, cutoff
     if positions.shape[0] < direct_below:
         return image_pairs(positions, cell, periodic, cutoff)
     if periodic:
-        volume = torch.abs(torch.linalg.det(cell))
-        heights = volume / torch.linalg.norm(torch.linalg.cross(cell[torch.tensor([1, 2, 0])],
-                                                                cell[torch.tensor([2, 0, 1])]), dim=1)
-        if bool((heights < 3.0 * cutoff).any()):
+        if bool((cell_heights(cell) < 3.0 * cutoff).any()):
             return image_pairs(positions, cell, periodic, cutoff)
     return cell_list_pairs(positions, cell, periodic, cutoff)
 
