@@ -45,6 +45,10 @@ class MLMDPotentialImpl(MLPotentialImpl):
         self.potential = as_potential(modelPath, device, dtype)
         self.path = path
 
+    def getMLLongRange(self) -> bool:
+        """mlmd models are local: every interaction ends at the model's cutoff."""
+        return False
+
     def addForces(self, topology: openmm.app.Topology, system: openmm.System,
                   atoms: Optional[Iterable[int]], forceGroup: int, path: Optional[str] = None,
                   **args) -> None:
