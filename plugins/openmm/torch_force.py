@@ -221,7 +221,34 @@ def _import_openmmtorch():
         raise missing_dependency("openmmtorch", "openmm",
                                  f"mlmd's TorchForce path (openmmtorch failed to load: {exc}; it needs "
                                  f"the torch it was built with, torch {torch.__version__} is installed)") from None
+    _reload_torch_kernels()
     return openmmtorch
+
+
+_KERNELS_RELOADED = False
+
+
+def _reload_torch_kernels() -> None:
+    """Load openmm-torch's kernel plugins that failed because openmm was imported before torch.
+
+    OpenMM loads its plugins when ``openmm`` is first imported; libOpenMMTorchReference/CPU
+    need libtorch's libraries (libnvrtc.so.12 for the PyPI build), which are only present once
+    ``torch`` is imported.  Loading those plugin files again now gives TorchForce its kernels.
+    """
+    global _KERNELS_RELOADED
+    if _KERNELS_RELOADED:
+        return
+    import openmm
+
+    prefix = "Error loading library "
+    for failure in openmm.Platform.getPluginLoadFailures():
+        if failure.startswith(prefix) and "libOpenMMTorch" in failure:
+            path = failure[len(prefix):].split(": ", 1)[0]
+            try:
+                openmm.Platform.loadPluginLibrary(path)
+            except Exception:   # OpenCL/CUDA kernels on a machine without those runtimes
+                pass
+    _KERNELS_RELOADED = True
 
 
 def torch_force_available() -> bool:
