@@ -254,10 +254,8 @@ class Potential:
                              "check the structure or the step that produced it")
         self.check_numbers(numbers)
         if pbc.any():
-            lengths = np.linalg.norm(cell, axis=1)
-            if np.any(lengths[pbc] == 0.0) or abs(np.linalg.det(cell)) < 1e-12:
-                raise InputError(f"cell: periodic along {pbc.tolist()} but the cell is zero or "
-                                 "degenerate; set the cell vectors or use pbc=False")
+            from .neighbors.cell_list import effective_cell
+            effective_cell(cell, pbc)   # the neighbour list's rule: raises on zero/dependent periodic vectors
         if edge_index is None:
             from .neighbors import neighbor_pairs
             edge_index, shifts = neighbor_pairs(positions, cell, pbc, self.cutoff)

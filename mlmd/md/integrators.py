@@ -155,10 +155,8 @@ class LangevinBAOAB(Integrator):
     def __init__(self, timestep: float, temperature: float, friction: float = 1.0,
                  seed: Optional[int] = None):
         super().__init__(timestep, seed)
-        _check_positive("temperature", temperature, "K")
-        _check_positive("friction", friction, "1/ps")
-        self.temperature = float(temperature)
-        self.friction = float(friction)
+        self.temperature = _positive("temperature", temperature, "K")
+        self.friction = _positive("friction", friction, "1/ps")
         self.c1 = math.exp(-self.friction * 1e-3 * self.timestep)
 
     def setup(self, state, dof):
@@ -199,10 +197,8 @@ class Bussi(VelocityVerlet):
     def __init__(self, timestep: float, temperature: float, tau: float = 100.0,
                  seed: Optional[int] = None):
         super().__init__(timestep, seed)
-        _check_positive("temperature", temperature, "K")
-        _check_positive("tau", tau, "fs")
-        self.temperature = float(temperature)
-        self.tau = float(tau)
+        self.temperature = _positive("temperature", temperature, "K")
+        self.tau = _positive("tau", tau, "fs")
         self.c = math.exp(-0.5 * self.timestep / self.tau)
 
     def setup(self, state, dof):
@@ -247,7 +243,9 @@ def make_integrator(name: str, timestep: float, temperature: Optional[float] = N
     return Bussi(timestep, temperature, tau, seed)
 
 
-def _check_positive(name: str, value, unit: str) -> None:
+def _positive(name: str, value, unit: str) -> float:
+    """``value`` as a float, or InputError naming ``name`` unless it is a finite number > 0."""
     if not (isinstance(value, (int, float)) and not isinstance(value, bool)
             and math.isfinite(value) and value > 0):
         raise InputError(f"{name}: must be a positive number ({unit}), got {value!r}")
+    return float(value)

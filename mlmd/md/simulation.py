@@ -118,9 +118,9 @@ class Simulation:
             raise InputError("atoms: positions contain NaN or Inf")
         cell = np.asarray(atoms.get_cell(), dtype=np.float64)
         pbc = np.asarray(atoms.get_pbc(), dtype=bool)
-        if pbc.any() and abs(np.linalg.det(cell)) < 1e-9:
-            raise InputError(f"atoms: periodic along {pbc.tolist()} but the cell is zero or degenerate; "
-                             "set the cell (atoms.cell) or use pbc=False")
+        if pbc.any():
+            from ..neighbors.cell_list import effective_cell
+            effective_cell(cell, pbc)   # raises on zero or linearly dependent periodic vectors
         masses = atoms.get_masses()
         momenta = atoms.get_momenta()
         init_rng = np.random.default_rng(None if seed is None else [int(seed), 1])

@@ -15,6 +15,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlmd import keys
 from mlmd.errors import InputError
+from mlmd.neighbors.cell_list import effective_cell
 from mlmd.potential import as_potential
 
 __all__ = ["MLMDCalculator"]
@@ -101,7 +102,8 @@ class MLMDCalculator(Calculator):
                              "check the structure or the step that produced it")
         if (self._cell_ok is None or not np.array_equal(cell, self._cell_ok[0])
                 or not np.array_equal(pbc, self._cell_ok[1])):
-            self._check_cell(cell, pbc)
+            if pbc.any():   # the neighbour list's rule, shared with Potential.compute and the engine
+                effective_cell(cell, pbc)
             self._cell_ok = (cell.copy(), pbc.copy())
             self._pbc_t = torch.as_tensor(pbc, dtype=torch.bool, device=self._device)
             # a cell change (NPT, strain) may invalidate the images the Verlet list chose
@@ -163,14 +165,6 @@ class MLMDCalculator(Calculator):
         return changes
 
     # ---- helpers --------------------------------------------------------------------------
-    def _check_cell(self, cell: np.ndarray, pbc: np.ndarray) -> None:
-        # same rule as Potential.compute, so both paths accept the same structures
-        if pbc.any():
-            lengths = np.linalg.norm(cell, axis=1)
-            if np.any(lengths[pbc] == 0.0) or abs(np.linalg.det(cell)) < 1e-12:
-                raise InputError(f"atoms.cell: periodic along {pbc.tolist()} but the cell is zero or "
-                                 "degenerate; set the cell (atoms.set_cell) or use atoms.pbc = False")
-
     def _pairs(self, positions, cell, pbc):
         if self.skin > 0:
             if self._verlet is None:
