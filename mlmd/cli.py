@@ -115,7 +115,7 @@ def _cmd_bench(args) -> int:
     elif args.name == "md":
         bench.bench_md(ethanol_model=args.model)
     elif args.name == "openmm":
-        bench.bench_openmm(args.model)
+        bench.bench_openmm()   # the shipped ethanol and alanine dipeptide systems
     return 0
 
 
@@ -179,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the Verlet skin; md: engine overhead vs ASE and OpenMM; openmm: TorchForce "
                         "and PythonForce paths vs the bare model call")
     p.add_argument("--model", default=os.path.join(_ROOT, "systems", "ethanol", "ethanol_committee.pt"),
-                   help="model file whose hyper-parameters, dtype and example frame are used")
+                   help="committee, md: model file whose hyper-parameters, dtype and example frame are "
+                        "used (openmm always runs the shipped ethanol and alanine dipeptide systems)")
     p.add_argument("--members", type=int, nargs="+", default=[1, 2, 4, 8])
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

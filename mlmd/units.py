@@ -25,8 +25,11 @@ EV_PER_ANGSTROM3_TO_GPA = _ase_units.eV / _ase_units.Angstrom**3 / _ase_units.GP
 # temperature
 BOLTZMANN_EV_PER_K = _ase_units.kB
 
-# time: ASE's internal time unit expressed in fs
+# time: one fs in ASE's internal time unit (0.0982...); an ASE velocity times FS is in Å/fs
 FS = _ase_units.fs
+
+# velocity: Å/fs -> nm/ps
+ANGSTROM_PER_FS_TO_NM_PER_PS = ANGSTROM_TO_NM * 1e3             # 100
 
 # MD engine (Å, fs, eV, amu): a = F/m in Å/fs^2 from eV/Å and amu, and m v^2 in eV from amu (Å/fs)^2
 FORCE_OVER_MASS_TO_ANGSTROM_PER_FS2 = FS ** 2                 # 9.6485e-3

@@ -1,4 +1,6 @@
 """Host adapters: the ASE calculator and OpenMM's PythonForce give Potential.compute's numbers."""
+import os
+
 import numpy as np
 import pytest
 
@@ -291,7 +293,10 @@ def test_openmm_ml_region_and_topology(potential, ethanol):
         create_python_force(potential, topology)            # argon is not in the model
     force = create_python_force(potential, topology, atoms=ml_atoms)
     assert not force.usesPeriodicBoundaryConditions()       # the topology has no box
-    assert list(force.getParticles()) == ml_atoms
+    if hasattr(force, "getParticles"):                     # OpenMM >= 8.6 subsets in the force
+        assert list(force.getParticles()) == ml_atoms
+    else:
+        assert list(force.computation.particles) == ml_atoms
 
     context = _context(ethanol, force, "Reference", masses=[39.95, 39.95] + list(ethanol.get_masses()))
     positions = np.vstack([[[8.0, 8.0, 8.0], [-8.0, 8.0, 8.0]], ethanol.positions])
@@ -409,30 +414,59 @@ def test_torch_force_ml_subset(potential, ethanol):
     assert np.all(forces[len(ethanol):] == 0.0)
 
 
-_ROUND_TRIP = """
-import torch, openmmtorch, openmm
-class Harmonic(torch.nn.Module):
-    def forward(self, positions):
-        return (positions ** 2).sum()
+_TORCH_ROUND_TRIP = """
+import sys
+import numpy as np
+import torch, openmm
+import ase.io
+from mlmd import units
+from mlmd.plugins.openmm import create_force
+
+model_file, structure, path = sys.argv[1:4]
+atoms = ase.io.read(structure)
 system = openmm.System()
-system.addParticle(1.0)
-system.addForce(openmmtorch.TorchForce(torch.jit.script(Harmonic())))
-openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+for mass in [39.95] + list(atoms.get_masses()):       # an MM particle outside the ML region
+    system.addParticle(float(mass))
+system.addForce(create_force(model_file, [18] + list(atoms.numbers), atoms=range(1, len(atoms) + 1), path=path))
+positions = np.vstack([[[9.0, 0.0, 0.0]], atoms.positions]) * units.ANGSTROM_TO_NM
+
+def energy(system):
+    context = openmm.Context(system, openmm.VerletIntegrator(0.0005),
+                             openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(positions)
+    return context.getState(getEnergy=True).getPotentialEnergy()._value
+
+xml = openmm.XmlSerializer.serialize(system)
+print(repr(energy(system)), repr(energy(openmm.XmlSerializer.deserialize(xml))))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="openmmtorch 1.5 from PyPI (with torch 2.9.1) crashes in "
-                   "XmlSerializer.deserialize of any TorchForce, even a one-line module; when this "
-                   "passes, the TorchForce round trip of issue 4 can be tested directly")
-def test_openmmtorch_deserialization_upstream():
-    """Runs in a subprocess because the failure is a segmentation fault."""
+@pytest.mark.parametrize("path", ["torch", "python"])
+def test_openmm_xml_round_trip_with_ml_region(model_file, tmp_path, path):
+    """A System holding the mlmd force (on an ML subset) survives XmlSerializer, same energy.
+
+    In a subprocess: openmm-torch builds made for OpenMM <= 8.5 crash (SIGSEGV) deserialising
+    under OpenMM 8.6, whose SerializationNode changed; mlmd pins OpenMM 8.5.2 for that reason.
+    """
     import subprocess
     import sys
 
-    _openmm()
-    pytest.importorskip("openmmtorch")
-    result = subprocess.run([sys.executable, "-c", _ROUND_TRIP], capture_output=True, timeout=120)
-    assert result.returncode == 0, f"exit {result.returncode}"
+    openmm = _openmm()
+    if path == "torch":
+        pytest.importorskip("openmmtorch")
+    script = tmp_path / "round_trip.py"
+    script.write_text(_TORCH_ROUND_TRIP)
+    structure = os.path.join(os.path.dirname(SHIPPED_MODEL), "ethanol.xyz")
+    result = subprocess.run([sys.executable, str(script), model_file, structure, path],
+                            capture_output=True, text=True, timeout=300)
+    version = tuple(int(part) for part in openmm.__version__.split(".")[:2])
+    if path == "torch" and result.returncode < 0 and version >= (8, 6):
+        pytest.xfail(f"openmm-torch crashes deserialising under OpenMM {openmm.__version__} (upstream); "
+                     "use OpenMM 8.5.2 as pinned in pyproject.toml")
+    assert result.returncode == 0, result.stderr[-2000:]
+    before, after = (float(x) for x in result.stdout.split()[-2:])
+    assert after == pytest.approx(before, rel=1e-12)
+    assert before != 0.0
 
 
 @pytest.mark.parametrize("path", ["auto", "python", "torch"])
@@ -454,6 +488,34 @@ def test_openmmml_entry_point(model_file, potential, ethanol, path):
     ref = reference(potential, ethanol)
     assert energy == pytest.approx(float(ref["energy"]), rel=1e-10)
     np.testing.assert_allclose(got, ref["forces"], atol=1e-9 * np.abs(ref["forces"]).max())
+
+
+def test_create_system_equals_openmmml(model_file, potential, ethanol, periodic_triclinic):
+    """create_system (no openmm-ml needed) builds the System openmm-ml's createSystem builds."""
+    openmm = _openmm()
+    pytest.importorskip("openmmml")
+    from openmmml import MLPotential
+    from mlmd.md.io import openmm_topology
+    from mlmd.plugins.openmm import create_system
+
+    for frame in (ethanol, periodic_triclinic):
+        topology = openmm_topology(frame)
+        ours = create_system(model_file, topology, path="python")
+        theirs = MLPotential("mlmd", modelPath=model_file, path="python").createSystem(topology)
+        assert ours.getNumParticles() == theirs.getNumParticles() == len(frame)
+        assert [ours.getParticleMass(i)._value for i in range(len(frame))] == pytest.approx(frame.get_masses(), rel=1e-3)
+        assert sorted(type(f).__name__ for f in ours.getForces()) == ["CMMotionRemover", "PythonForce"]
+        assert ours.usesPeriodicBoundaryConditions() == bool(frame.pbc.all())
+        results = []
+        for system in (ours, theirs):
+            context = openmm.Context(system, openmm.VerletIntegrator(0.0005),
+                                     openmm.Platform.getPlatformByName("Reference"))
+            results.append(_energy_forces(context, frame.positions))
+        assert results[0][0] == pytest.approx(results[1][0], rel=1e-12)
+        assert results[0][0] == pytest.approx(float(reference(potential, frame)["energy"]), rel=1e-10)
+        np.testing.assert_allclose(results[0][1], results[1][1], rtol=0, atol=1e-10)
+    with pytest.raises(InputError, match="topology"):
+        create_system(model_file, ethanol.numbers)
 
 
 def test_openmmml_needs_model_path():
@@ -494,7 +556,7 @@ def test_openmm_verlet_matches_internal_engine(model_file, ethanol):
     omm = _app_simulation(model_file, ethanol, openmm.VerletIntegrator(dt * 1e-3))
     # OpenMM's Verlet is leap-frog: its velocities live at t - dt/2
     half_step_back = sim.state.velocities - 0.5 * dt * sim.state.forces * sim.state.accel[:, None]
-    omm.context.setVelocities(half_step_back * 1e3 * units.ANGSTROM_TO_NM)   # Å/fs -> nm/ps
+    omm.context.setVelocities(half_step_back * units.ANGSTROM_PER_FS_TO_NM_PER_PS)
     ours, theirs = [], []
     for block in range(40):
         sim.run(10)

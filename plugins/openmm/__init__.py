@@ -11,6 +11,9 @@
 :func:`create_torch_force` builds an openmm-torch ``TorchForce`` instead: the model runs inside
 OpenMM's C++ loop, with its neighbour pairs built in TorchScript (same arguments).
 
+:func:`create_force` picks the path (TorchForce when openmm-torch loads, else PythonForce) and
+:func:`create_system` builds a whole ML System from a Topology.
+
 ``openmm``/``openmmtorch`` are imported only when a force is created, with an install hint if
 missing.
 """
@@ -18,7 +21,7 @@ from .python_force import MLMDComputation, create_python_force
 from .reporter import UncertaintyReporter, swap_model
 from .torch_force import TorchForceModule, create_torch_force, torch_force_available
 
-__all__ = ["create_force", "create_python_force", "create_torch_force", "MLMDComputation",
+__all__ = ["create_force", "create_system", "create_python_force", "create_torch_force", "MLMDComputation",
            "TorchForceModule", "torch_force_available", "UncertaintyReporter", "swap_model"]
 
 PATHS = ("auto", "torch", "python")
@@ -37,3 +40,33 @@ def create_force(model, topology_or_numbers, atoms=None, periodic=None, path: st
     if path == "torch" or (path == "auto" and torch_force_available()):
         return create_torch_force(model, topology_or_numbers, atoms=atoms, periodic=periodic, **kwargs)
     return create_python_force(model, topology_or_numbers, atoms=atoms, periodic=periodic, **kwargs)
+
+
+def create_system(model, topology, path: str = "auto", remove_cm_motion: bool = True, **kwargs):
+    """A System in which ``model`` computes every interaction of ``topology``.
+
+    One particle per atom with its element's mass, the topology's periodic box (if any), the
+    mlmd force from :func:`create_force` (``path`` and ``kwargs`` as there), and a
+    ``CMMotionRemover`` unless ``remove_cm_motion`` is False.  The same System as openmm-ml's
+    ``MLPotential("mlmd", modelPath=model).createSystem(topology)``, without needing openmm-ml.
+    """
+    from mlmd.errors import InputError
+    from .python_force import _import_openmm
+
+    openmm = _import_openmm()
+    from openmm import app
+
+    if not isinstance(topology, app.Topology):
+        raise InputError(f"topology: expected an openmm.app.Topology, got {type(topology).__name__}; "
+                         "for bare atomic numbers build the System yourself and use create_force")
+    force = create_force(model, topology, path=path, **kwargs)    # checks elements against the model
+    system = openmm.System()
+    for atom in topology.atoms():
+        system.addParticle(atom.element.mass)
+    box = topology.getPeriodicBoxVectors()
+    if box is not None:
+        system.setDefaultPeriodicBoxVectors(*box)
+    system.addForce(force)
+    if remove_cm_motion:
+        system.addForce(openmm.CMMotionRemover())
+    return system

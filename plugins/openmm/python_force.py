@@ -30,19 +30,24 @@ def _import_openmm():
 class MLMDComputation:
     """The callback of the PythonForce: ``computation(state) -> (energy kJ/mol, forces [n,3] kJ/mol/nm)``.
 
-    ``n`` is the number of ML particles (the force's ``setParticles`` subset, or the whole
-    system).  After each call, :attr:`last` holds the model's raw outputs (torch tensors in
+    ``n`` is the number of particles OpenMM passes: the ML particles when the force's
+    ``setParticles`` subset is used (OpenMM >= 8.6), else the whole system; then ``particles``
+    (ML indices [n_ml]) selects the ML atoms here and the other rows of the forces stay zero.
+    After each call, :attr:`last` holds the model's raw outputs (torch tensors in
     eV, eV/Å; committee statistics included) for reporters that watch the uncertainty.
 
     Picklable when the potential came from a file, so that ``XmlSerializer`` can save a
     System holding this force; unpickling reloads the model file.
     """
 
-    def __init__(self, potential: Potential, numbers: np.ndarray, periodic: bool, skin: float = 0.0):
+    def __init__(self, potential: Potential, numbers: np.ndarray, periodic: bool, skin: float = 0.0,
+                 particles: Optional[np.ndarray] = None, n_particles: Optional[int] = None):
         self.potential = potential
         self.numbers = np.ascontiguousarray(numbers, dtype=np.int64)
         self.periodic = bool(periodic)
         self.skin = float(skin)
+        self.particles = None if particles is None else np.ascontiguousarray(particles, dtype=np.int64)
+        self.n_particles = len(self.numbers) if particles is None else int(n_particles)
         self.last = None
         self._setup()
 
@@ -61,6 +66,9 @@ class MLMDComputation:
         # reused every step: OpenMM copies the returned forces before the next call
         self._positions = np.empty((n, 3))
         self._forces = np.empty((n, 3))
+        if self.particles is not None:
+            self._all_positions = np.empty((self.n_particles, 3))
+            self._all_forces = np.zeros((self.n_particles, 3))
         # State's public getters build unit Quantities and probe dir(self) (about 13 us + 8 us
         # per step at N=100); the SWIG calls underneath fill a numpy buffer in under 1 us.
         self._fast_positions = hasattr(openmm.State, "_getVectorAsNumpy")
@@ -79,16 +87,19 @@ class MLMDComputation:
     def __call__(self, state):
         # a Verlet list may keep the array it was built from to measure displacements
         positions = self._positions if self._verlet is None else np.empty_like(self._positions)
+        passed = positions if self.particles is None else self._all_positions
         if self._fast_positions:
-            if state._getNumParticles() != len(positions):
+            if state._getNumParticles() != len(passed):
                 self._wrong_size(state._getNumParticles())
-            state._getVectorAsNumpy(self._positions_enum, positions)
+            state._getVectorAsNumpy(self._positions_enum, passed)
         else:
             from openmm import unit
             nm = state.getPositions(asNumpy=True).value_in_unit(unit.nanometer)
-            if len(nm) != len(positions):
+            if len(nm) != len(passed):
                 self._wrong_size(len(nm))
-            positions[:] = nm
+            passed[:] = nm
+        if self.particles is not None:
+            np.take(passed, self.particles, axis=0, out=positions)
         positions *= units.NM_TO_ANGSTROM
         if self.periodic:
             if self._box_getter is not None:
@@ -115,10 +126,13 @@ class MLMDComputation:
         # out= casts a float32 model's forces to the float64 buffer in the same pass
         np.multiply(out[keys.FORCES].detach().cpu().numpy(), units.EV_PER_ANGSTROM_TO_KJ_PER_MOL_NM,
                     out=self._forces)
-        return energy, self._forces
+        if self.particles is None:
+            return energy, self._forces
+        self._all_forces[self.particles] = self._forces
+        return energy, self._all_forces
 
     def _wrong_size(self, got: int):
-        raise InputError(f"topology_or_numbers: describes {len(self.numbers)} ML atoms but OpenMM passed "
+        raise InputError(f"topology_or_numbers: describes {self.n_particles} particles but OpenMM passed "
                          f"{got} particles to the force; give one atomic number per System particle, "
                          "or the ML region with atoms=[...]")
 
@@ -136,13 +150,17 @@ class MLMDComputation:
                             "create the force from a model file path to serialise the System")
         return {"path": self.potential.path, "device": self.potential.device,
                 "dtype": self.potential.metadata[keys.META_DTYPE], "numbers": self.numbers,
-                "periodic": self.periodic, "skin": self.skin}
+                "periodic": self.periodic, "skin": self.skin, "particles": self.particles,
+                "n_particles": self.n_particles}
 
     def __setstate__(self, state):
         self.potential = as_potential(state["path"], state["device"], state["dtype"])
         self.numbers = np.asarray(state["numbers"], dtype=np.int64)
         self.periodic = bool(state["periodic"])
         self.skin = float(state.get("skin", 0.0))
+        particles = state.get("particles")
+        self.particles = None if particles is None else np.asarray(particles, dtype=np.int64)
+        self.n_particles = int(state.get("n_particles", len(self.numbers)))
         self.last = None
         self._setup()
 
@@ -211,9 +229,13 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
     potential = as_potential(model, device, dtype)
     numbers, atoms, periodic = _ml_region(potential, topology_or_numbers, atoms, periodic)
     ml_numbers = numbers if atoms is None else numbers[atoms]
-    computation = MLMDComputation(potential, ml_numbers, bool(periodic), skin)
+    # OpenMM >= 8.6 passes only the ML particles to the callback; 8.5 passes all of them
+    subset_in_force = atoms is not None and hasattr(openmm.PythonForce, "setParticles")
+    particles = None if atoms is None or subset_in_force else atoms
+    computation = MLMDComputation(potential, ml_numbers, bool(periodic), skin,
+                                  particles=particles, n_particles=len(numbers))
     force = openmm.PythonForce(computation)
-    if atoms is not None:
+    if subset_in_force:
         force.setParticles([int(i) for i in atoms])
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
     force.setName("MLMD")
