@@ -40,6 +40,7 @@ OUTPUT_KEYS = (ENERGY, FORCES, ENERGIES, VIRIAL, STRESS, MEMBER_ENERGIES, MEMBER
 # i.e. extxyz's ``energy=`` in the comment line and the ``forces`` per-atom column.
 DATA_ENERGY = "energy"             # eV, total energy of the frame
 DATA_FORCES = "forces"             # [N, 3] eV/Å
+DATA_STRESS = "stress"             # [6] Voigt (xx yy zz yz xz xy) eV/Å^3, ASE sign; periodic frames only
 DATA_ORACLE = "oracle"             # str in atoms.info: which reference method made the label
 DATA_TEMPERATURE = "sample_temperature_K"  # float in atoms.info: temperature of the sampling run
 DATA_STEP = "sample_step"          # int in atoms.info: MD step of the sampling run

@@ -184,6 +184,47 @@ def test_ase_bad_inputs_name_the_argument(calc, ethanol, periodic_triclinic):
         MLMDCalculator(42)
 
 
+def test_ase_stress_from_a_model_without_stress(model_file, periodic_triclinic):
+    """A model file that does not declare stress support: energy and forces work, stress is
+    refused with a message naming the property (a cell filter would otherwise optimise garbage)."""
+    import mlmd
+    from mlmd import keys
+    from mlmd.plugins.ase import MLMDCalculator
+
+    potential = mlmd.load(model_file)
+    potential.metadata[keys.META_STRESS] = False
+    periodic_triclinic.calc = MLMDCalculator(potential)
+    assert np.isfinite(periodic_triclinic.get_potential_energy())
+    with pytest.raises(InputError, match=r"properties.*does not support stress"):
+        periodic_triclinic.get_stress()
+
+
+def test_ase_fixatoms_and_cell_filter(calc, ethanol, periodic_triclinic):
+    """FixAtoms: a BFGS relaxation moves only the free atoms and lowers the energy.
+    FrechetCellFilter: the filter's gradient is the calculator's stress (ASE drives the cell by it)."""
+    from ase.constraints import FixAtoms
+    from ase.filters import FrechetCellFilter
+    from ase.optimize import BFGS
+
+    ethanol.rattle(0.05, seed=2)
+    ethanol.set_constraint(FixAtoms(indices=[0, 1]))
+    ethanol.calc = calc
+    start = ethanol.positions.copy()
+    e0 = ethanol.get_potential_energy()
+    BFGS(ethanol, logfile=None).run(fmax=0.05, steps=200)
+    np.testing.assert_array_equal(ethanol.positions[:2], start[:2])
+    assert np.abs(ethanol.positions[2:] - start[2:]).max() > 1e-3
+    assert ethanol.get_potential_energy() < e0
+    assert np.abs(ethanol.get_forces()[:2]).max() == 0.0        # ASE zeroes constrained forces
+
+    periodic_triclinic.calc = calc
+    filtered = FrechetCellFilter(periodic_triclinic)
+    stress = periodic_triclinic.get_stress(voigt=False)
+    cell_gradient = filtered.get_forces()[-3:] * filtered.exp_cell_factor
+    np.testing.assert_allclose(cell_gradient, -stress * periodic_triclinic.get_volume(), rtol=1e-8,
+                               atol=1e-10)
+
+
 def test_ase_velocity_verlet_runs(ethanol):
     from ase import units as ase_units
     from ase.md.verlet import VelocityVerlet
@@ -684,3 +725,40 @@ def test_torch_force_cell_list_path(tmp_path):
     energy, forces, _ = _energy_forces(context, atoms.positions)
     assert energy == pytest.approx(float(ref["energy"]), rel=1e-10)
     np.testing.assert_allclose(forces, ref["forces"], atol=1e-9 * np.abs(ref["forces"]).max())
+
+
+@pytest.mark.parametrize("frame", ["ethanol", "unwrapped_triclinic"])
+def test_three_hosts_same_frame(model_file, frame, request):
+    """One frame, one model file: ASE's calculator, mlmd's engine and OpenMM (both paths) agree,
+    and ASE's own Langevin runs on the calculator with the committee's σ in calc.results."""
+    _openmm()
+    from ase import units as ase_units
+    from ase.md.langevin import Langevin
+
+    import mlmd
+    from mlmd.plugins.ase import MLMDCalculator
+    from mlmd.plugins.openmm import create_force
+
+    atoms = request.getfixturevalue("periodic_triclinic" if frame == "unwrapped_triclinic" else frame)
+    if frame == "unwrapped_triclinic":
+        atoms = unwrapped(atoms)
+    ase_atoms = atoms.copy()
+    ase_atoms.calc = MLMDCalculator(model_file)
+    ase_energy, ase_forces = ase_atoms.get_potential_energy(), ase_atoms.get_forces()
+    sim = mlmd.Simulation(atoms, model_file, integrator="verlet", timestep=0.5)
+    energies = {"engine": (sim.potential_energy, sim.state.forces)}
+    for path in ("torch", "python"):
+        context = _context(atoms, create_force(model_file, atoms.numbers, periodic=bool(atoms.pbc.all()),
+                                               path=path), "CPU")
+        energy, forces, _ = _energy_forces(context, atoms.positions)
+        energies[f"openmm {path}"] = (energy, forces)
+    for host, (energy, forces) in energies.items():
+        assert energy == pytest.approx(ase_energy, rel=1e-12, abs=1e-12), host
+        np.testing.assert_allclose(forces, ase_forces, rtol=1e-9, atol=1e-9, err_msg=host)
+
+    dyn = Langevin(ase_atoms, 0.5 * ase_units.fs, temperature_K=300, friction=0.01 / ase_units.fs,
+                   rng=np.random.default_rng(0))
+    sigmas = []
+    dyn.attach(lambda: sigmas.append(ase_atoms.calc.results["uncertainty"]), interval=5)
+    dyn.run(20)
+    assert len(sigmas) == 5 and np.all(np.isfinite(sigmas)) and min(sigmas) > 0

@@ -91,3 +91,39 @@ def test_shipped_ethanol_committee_accuracy_and_contract():
     print(f"shipped committee, default grid: max |ΔE| {rot['energy_max']:.2e} eV, "
           f"max |ΔF| {rot['forces_max']:.2e} eV/Å over 100 rotations")
     testing.check_committee_consistency(pot, atoms)
+
+
+def test_stress_labels_become_frame_virials_and_energy_shift_refit():
+    """Periodic frames labelled with stress: the training virial of each frame in a batch equals
+    the exported model's virial of that frame alone and -σV of its label; a constant shift of
+    E0 is recovered by the closed-form refit."""
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from mlmd.models.data import label_frame
+    from mlmd.models.train import Graphs, predict, refit_energy_shift
+    from conftest import make_model
+
+    frames = []
+    for strain, seed in ((0.02, 1), (-0.03, 2)):
+        atoms = bulk("Cu", "fcc", a=3.59 * (1 + strain), cubic=True).repeat((2, 1, 1))
+        atoms.rattle(0.05, seed=seed)
+        frames.append(label_frame(atoms, EMT()))
+    assert keys.DATA_STRESS in frames[0].calc.results
+    model = make_model(committee=2, species=(29,)).double()
+    graphs = Graphs(frames, [29], model.cutoff, torch.float64)
+    assert graphs.has_virials
+    batch = graphs.batch([0, 1])
+    for g, atoms in enumerate(frames):
+        stress = frames[g].calc.results[keys.DATA_STRESS]
+        assert batch["virial"][g, 0, 0] == pytest.approx(-stress[0] * atoms.get_volume(), rel=1e-12)
+    _, _, virials = predict(model, batch, False, compute_virial=True)
+    for g in range(2):
+        alone = predict(model, graphs.batch([g]), False, compute_virial=True)[2]
+        torch.testing.assert_close(virials[:, g], alone[:, 0], rtol=1e-10, atol=1e-10)
+
+    refit_energy_shift(model, graphs, [0, 1])
+    residual = batch["energy"] - predict(model, batch, False)[0].detach().mean(0)
+    assert float((residual * batch["n_atoms"]).sum()) == pytest.approx(0.0, abs=1e-9)   # least squares
+    model.energy_shift.sub_(0.25)
+    assert refit_energy_shift(model, graphs, [0, 1])[0] == pytest.approx(0.25, abs=1e-9)

@@ -26,3 +26,17 @@ def test_mlmm_alanine_dipeptide(tmp_path):
     assert np.isfinite(result["uncertainty"]) and result["uncertainty"] > 0
     for name in ("state.csv", "uncertainty.csv", "trajectory.dcd"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_ase_relaxation(tmp_path):
+    """BFGS and FIRE relax ethanol; FrechetCellFilter + BFGS give copper's lattice constant within
+    0.5 % of EMT's own; ASE's Langevin leaves the committee's σ in calc.results every report."""
+    tutorial = load_tutorial("ase_relaxation.py")
+    result = tutorial.main(["--steps", "60", "--out", str(tmp_path)])
+    assert result["ethanol_bfgs_fmax"] < 0.01 and result["ethanol_fire_fmax"] < 0.01
+    assert abs(result["ethanol_bfgs_energy"] - result["ethanol_fire_energy"]) < 0.01
+    assert abs(result["a_emt"] - 3.5898) < 1e-3
+    assert abs(result["a_relative_error"]) < 0.005
+    assert len(result["sigmas"]) == 4 and np.all(np.isfinite(result["sigmas"]))
+    assert result["sigmas"][1:].min() > 0     # step 0 is the perfect lattice: zero forces, σ ~ 0
+    assert (tmp_path / "uncertainty.csv").stat().st_size > 0

@@ -76,16 +76,18 @@ def append_frames(path: str | os.PathLike, frames: Iterable) -> None:
 
 
 def label_frame(atoms, calculator, info: Optional[dict] = None):
-    """A copy of ``atoms`` with the calculator's energy and forces frozen in as labels."""
+    """A copy of ``atoms`` with the calculator's energy and forces frozen in as labels, and its
+    stress (Voigt, eV/Å^3) too for a fully periodic frame when the calculator implements it."""
     from ase.calculators.singlepoint import SinglePointCalculator
 
     frame = atoms.copy()
     source = atoms if atoms.calc is calculator else frame   # reuse the MD step's cached results
     if source is frame:
         frame.calc = calculator
-    energy = float(source.get_potential_energy())
-    forces = np.array(source.get_forces())
-    frame.calc = SinglePointCalculator(frame, energy=energy, forces=forces)
+    labels = {"energy": float(source.get_potential_energy()), "forces": np.array(source.get_forces())}
+    if frame.pbc.all() and "stress" in getattr(calculator, "implemented_properties", ()):
+        labels["stress"] = np.array(source.get_stress(voigt=True))
+    frame.calc = SinglePointCalculator(frame, **labels)
     frame.info.update(info or {})
     return frame
 

@@ -8,7 +8,11 @@ independent trainings run side by side.
 Loss per member m, over a batch of frames g with N_g atoms (errors divided by the
 force RMS s of the training data, so both terms are dimensionless):
 
-    L_m = sum_g w_mg [ a_E ((E_g - E*_g) / (N_g s))^2 + a_F mean_i,k ((F_gik - F*_gik) / s)^2 ] / sum_g w_mg
+    L_m = sum_g w_mg [ a_E ((E_g - E*_g) / (N_g s))^2 + a_F mean_i,k ((F_gik - F*_gik) / s)^2
+                       + a_W mean_kl ((W_gkl - W*_gkl) / (N_g s))^2 ] / sum_g w_mg
+
+The last term only for periodic frames labelled with a stress sigma* (Voigt, eV/Å^3), whose
+virial W* = -sigma* V (eV) is compared with the model's; it is what teaches E(V) to a bulk.
 
 AdamW with linear warm-up then cosine decay, an exponential moving average (EMA) of the
 weights used for validation, test and export, early stopping per member on the EMA
@@ -27,7 +31,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .. import keys
+from .. import keys, units
 from ..errors import InputError
 from .data import fingerprint, read_dataset
 from .ponita import DEFAULT_HYPERPARAMETERS, PonitaPotential
@@ -49,6 +53,7 @@ class TrainConfig:
     patience: int = 50
     energy_weight: float = 1.0
     force_weight: float = 10.0
+    stress_weight: float = 1.0        # a_W, for frames with a stress label (periodic data)
     n_train: int = 500
     n_val: int = 50
     n_test: int = 100
@@ -97,7 +102,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="do not rotate training batches at random")
     for name in ("epochs", "batch_size", "patience", "n_train", "n_val", "n_test", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default)
-    for name in ("lr", "weight_decay", "ema_decay", "energy_weight", "force_weight", "max_minutes"):
+    for name in ("lr", "weight_decay", "ema_decay", "energy_weight", "force_weight", "stress_weight",
+                 "max_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default)
     p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"].default)
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="training precision")
@@ -122,24 +128,35 @@ class Graphs:
 
         index_of = {z: i for i, z in enumerate(species)}
         self.items = []
+        self.volumes: List[float] = []   # Å^3 per frame, 0 for open frames
         for atoms in frames:
             edge_index, shifts = neighbor_pairs(atoms.positions, np.asarray(atoms.cell), atoms.pbc, cutoff)
             pos = atoms.positions
             vectors = pos[edge_index[1]] - pos[edge_index[0]] + shifts
             results = atoms.calc.results
+            virial = None
+            if keys.DATA_STRESS in results and atoms.pbc.all():
+                from ase.stress import voigt_6_to_full_3x3_stress
+                stress = np.asarray(results[keys.DATA_STRESS], dtype=np.float64)
+                stress = voigt_6_to_full_3x3_stress(stress) if stress.shape == (6,) else stress.reshape(3, 3)
+                virial = torch.as_tensor(-stress * atoms.get_volume(), dtype=dtype)
             self.items.append({
                 "species": torch.tensor([index_of[int(z)] for z in atoms.numbers], dtype=torch.long),
                 "edge_index": torch.as_tensor(edge_index),
                 "vectors": torch.as_tensor(vectors, dtype=dtype),
                 "energy": float(results[keys.DATA_ENERGY]),
                 "forces": torch.as_tensor(np.asarray(results[keys.DATA_FORCES]), dtype=dtype),
+                "virial": virial,
             })
+            self.volumes.append(float(atoms.get_volume()) if atoms.pbc.all() else 0.0)
+        self.has_virials = any(item["virial"] is not None for item in self.items)
 
     def __len__(self):
         return len(self.items)
 
     def batch(self, indices) -> Dict[str, torch.Tensor]:
         species, edges, vectors, forces, batch, energies, counts = [], [], [], [], [], [], []
+        virials, has_virial = [], []
         offset = 0
         for g, k in enumerate(indices):
             item = self.items[int(k)]
@@ -151,11 +168,15 @@ class Graphs:
             batch.append(torch.full((n,), g, dtype=torch.long))
             energies.append(item["energy"])
             counts.append(n)
+            has_virial.append(item["virial"] is not None)
+            virials.append(item["virial"] if item["virial"] is not None
+                           else torch.zeros((3, 3), dtype=item["vectors"].dtype))
             offset += n
         dtype = vectors[0].dtype
         return {"species": torch.cat(species), "edge_index": torch.cat(edges, dim=1),
                 "vectors": torch.cat(vectors), "forces": torch.cat(forces), "batch": torch.cat(batch),
                 "energy": torch.tensor(energies, dtype=dtype), "n_atoms": torch.tensor(counts, dtype=dtype),
+                "virial": torch.stack(virials), "has_virial": torch.tensor(has_virial),
                 "frames": torch.as_tensor(np.asarray(indices, dtype=np.int64))}
 
 
@@ -168,24 +189,36 @@ def random_rotation(generator: torch.Generator, dtype: torch.dtype) -> torch.Ten
     return q.to(dtype)
 
 
-def predict(model: PonitaPotential, batch: Dict[str, torch.Tensor], create_graph: bool):
-    """Member energies [M,G] eV and forces [M,N,3] eV/Å for a batch of frames."""
-    out = model.energy_and_forces(batch["vectors"], batch["species"], batch["edge_index"], False, create_graph)
+def predict(model: PonitaPotential, batch: Dict[str, torch.Tensor], create_graph: bool,
+            compute_virial: bool = False):
+    """Member energies [M,G] eV, forces [M,N,3] eV/Å and, if asked, virials [M,G,3,3] eV
+    (else None) for a batch of G frames."""
+    out = model.energy_and_forces(batch["vectors"], batch["species"], batch["edge_index"], compute_virial,
+                                  create_graph)
     atom_energy = out["atom_energy"]
     energies = torch.zeros((atom_energy.shape[0], batch["energy"].shape[0]), dtype=atom_energy.dtype)
     energies = energies.index_add(1, batch["batch"], atom_energy)
-    return energies, out["forces"]
+    virials = None
+    if compute_virial:
+        virials = torch.zeros((atom_energy.shape[0], batch["energy"].shape[0], 3, 3), dtype=atom_energy.dtype)
+        virials = virials.index_add(1, batch["batch"], out["atom_virial"])
+    return energies, out["forces"], virials
 
 
 def member_losses(model, batch, scale: float, config: TrainConfig, weights: Optional[torch.Tensor],
                   create_graph: bool) -> torch.Tensor:
     """[M] loss per member (see module docstring)."""
-    energies, forces = predict(model, batch, create_graph)
+    use_virial = config.stress_weight > 0 and bool(batch["has_virial"].any())
+    energies, forces, virials = predict(model, batch, create_graph, use_virial)
     n_atoms = batch["n_atoms"]
     e_err = ((energies - batch["energy"].unsqueeze(0)) / (n_atoms.unsqueeze(0) * scale)).pow(2)   # [M,G]
     f_err = ((forces - batch["forces"].unsqueeze(0)) / scale).pow(2).mean(dim=-1)               # [M,N]
     f_frame = torch.zeros_like(e_err).index_add(1, batch["batch"], f_err) / n_atoms.unsqueeze(0)
     per_frame = config.energy_weight * e_err + config.force_weight * f_frame
+    if virials is not None:
+        w_err = ((virials - batch["virial"].unsqueeze(0)) / (n_atoms[None, :, None, None] * scale))
+        w_err = w_err.pow(2).mean(dim=(-1, -2)) * batch["has_virial"].to(w_err.dtype).unsqueeze(0)
+        per_frame = per_frame + config.stress_weight * w_err
     if weights is None:
         return per_frame.mean(dim=1)
     w = weights[:, batch["frames"]].to(per_frame.dtype)                                          # [M,G]
@@ -202,6 +235,28 @@ def fit_reference_energies(frames, species: List[int]) -> np.ndarray:
     energies = np.array([a.calc.results[keys.DATA_ENERGY] for a in frames])
     solution, *_ = np.linalg.lstsq(counts, energies, rcond=None)
     return solution
+
+
+def refit_energy_shift(model: PonitaPotential, graphs: "Graphs", indices: List[int]) -> np.ndarray:
+    """Correct the per-element reference energies E0 [S] in place by least squares on the
+    committee-mean energy residuals of the frames ``indices``; returns the correction [S] eV.
+
+    A constant per element carries no force, so the gradient steps (where forces dominate the
+    loss) learn it slowly; after training it is fitted in closed form instead.
+    """
+    counts, residuals = [], []
+    n_species = int(model.energy_shift.shape[0])
+    for lo in range(0, len(indices), 50):
+        batch = graphs.batch(indices[lo:lo + 50])
+        energies, _, _ = predict(model, batch, False)
+        residuals.append((batch["energy"].double() - energies.detach().double().mean(0)).numpy())
+        one_hot = torch.nn.functional.one_hot(batch["species"], n_species).double()
+        counts.append(torch.zeros((len(batch["energy"]), n_species), dtype=torch.float64)
+                      .index_add(0, batch["batch"], one_hot).numpy())
+    correction, *_ = np.linalg.lstsq(np.concatenate(counts), np.concatenate(residuals), rcond=None)
+    with torch.no_grad():
+        model.energy_shift.add_(torch.as_tensor(correction, dtype=model.energy_shift.dtype))
+    return correction
 
 
 def dataset_statistics(frames, graphs: "Graphs", indices: List[int]) -> Dict[str, float]:
@@ -355,6 +410,7 @@ def train(config: TrainConfig) -> Dict:
                 rotation = random_rotation(generator, batch["vectors"].dtype)
                 batch["vectors"] = batch["vectors"] @ rotation.t()
                 batch["forces"] = batch["forces"] @ rotation.t()
+                batch["virial"] = rotation @ batch["virial"] @ rotation.t()
             loss = member_losses(model, batch, scale, config, weights, True).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -396,6 +452,7 @@ def train(config: TrainConfig) -> Dict:
         for k, v in params.items():
             v.copy_(best[k])
     model.eval()
+    refit_energy_shift(model, graphs, split["train"])
     metrics = test_metrics(model, graphs, split["test"] or split["val"])
     metrics["split_evaluated"] = "test" if split["test"] else "val"
     data_fp = fingerprint(train_frames)
@@ -411,6 +468,9 @@ def train(config: TrainConfig) -> Dict:
         "committee": members, "n_train": len(split["train"]), "n_val": len(split["val"]),
         "n_test": len(split["test"]),
     }
+    if "stress_mae_gpa" in metrics["committee"]:
+        summary["stress_mae_GPa"] = metrics["committee"]["stress_mae_gpa"]
+        summary["pressure_mae_GPa"] = metrics["committee"]["pressure_mae_gpa"]
     result = {"metrics": metrics, "test_metrics_summary": summary, "history": history}
     with open(os.path.join(config.out, "metrics.json"), "w") as handle:
         json.dump({"summary": summary, "config": asdict(config), "split": split, "metrics": metrics},
@@ -425,14 +485,22 @@ def train(config: TrainConfig) -> Dict:
 def test_metrics(model: PonitaPotential, graphs: Graphs, indices: List[int]) -> Dict:
     """MAE/RMSE of committee-mean and per-member predictions, plus arrays for the parity plot."""
     e_pred, e_ref, n_at, f_pred, f_ref = [], [], [], [], []
+    s_pred, s_ref = [], []     # stress of frames with a stress label, GPa, [G_s,3,3]
     for lo in range(0, len(indices), 50):
-        batch = graphs.batch(indices[lo:lo + 50])
-        energies, forces = predict(model, batch, False)
+        chunk = indices[lo:lo + 50]
+        batch = graphs.batch(chunk)
+        has_virial = batch["has_virial"]
+        energies, forces, virials = predict(model, batch, False, bool(has_virial.any()))
         e_pred.append(energies.detach().double())
         f_pred.append(forces.detach().double())
         e_ref.append(batch["energy"].double())
         n_at.append(batch["n_atoms"].double())
         f_ref.append(batch["forces"].double())
+        if virials is not None:
+            volumes = torch.tensor([graphs.volumes[int(k)] for k in chunk], dtype=torch.float64)[has_virial]
+            to_gpa = -units.EV_PER_ANGSTROM3_TO_GPA / volumes[:, None, None]
+            s_pred.append(virials.detach().double().mean(0)[has_virial] * to_gpa)
+            s_ref.append(batch["virial"].double()[has_virial] * to_gpa)
     e_pred = torch.cat(e_pred, dim=1)
     f_pred = torch.cat(f_pred, dim=1)
     e_ref = torch.cat(e_ref)
@@ -448,6 +516,10 @@ def test_metrics(model: PonitaPotential, graphs: Graphs, indices: List[int]) -> 
 
     members = [scores(e_pred[m], f_pred[m]) for m in range(e_pred.shape[0])]
     committee = scores(e_pred.mean(0), f_pred.mean(0))
+    if s_pred:
+        ds = torch.cat(s_pred) - torch.cat(s_ref)
+        committee["stress_mae_gpa"] = float(ds.abs().mean())
+        committee["pressure_mae_gpa"] = float(torch.diagonal(ds, dim1=-2, dim2=-1).mean(-1).abs().mean())
     return {"committee": committee,
             "members": {k: [s[k] for s in members] for k in members[0]},
             "parity": {"energy_ref_per_atom": (e_ref / n_at).tolist(),
@@ -519,6 +591,9 @@ def export_checkpoint(checkpoint: str, out: str, dtype: Optional[str] = None) ->
     model.load_state_dict({**model.state_dict(), **state["best"]})
     frames = read_dataset(config["data"])
     train_frames = [frames[i] for i in state["split"]["train"]]
+    model.eval()
+    graphs = Graphs(train_frames, list(init["species"]), float(model.cutoff), next(model.parameters()).dtype)
+    refit_energy_shift(model, graphs, list(range(len(train_frames))))   # as train() does before export
     summary = {"epochs": int(state["epoch"])}
     return export_model(model, out, init, config["data"], fingerprint(train_frames), summary,
                         dtype or config["export_dtype"], train_frames[0])
