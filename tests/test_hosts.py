@@ -78,9 +78,15 @@ def calc(potential):
 # ---- ASE ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("frame", ["ethanol", "periodic_triclinic"])
+@pytest.mark.parametrize("frame", ["ethanol", "periodic_triclinic", "slab"])
 def test_ase_matches_potential(calc, potential, frame, request):
-    atoms = request.getfixturevalue(frame)
+    atoms = request.getfixturevalue("periodic_triclinic" if frame == "slab" else frame)
+    if frame == "slab":                  # mixed boundaries: periodic in-plane, open along c
+        periodic_energy = float(reference(potential, atoms)["energy"])
+        atoms.pbc = [True, True, False]
+        isolated = atoms.copy()
+        isolated.cell[2] *= 10.0         # a free axis does not depend on its cell vector
+        isolated.calc = calc
     periodic = bool(atoms.pbc.all())
     ref = reference(potential, atoms, stress=periodic)
     atoms.calc = calc
@@ -92,6 +98,9 @@ def test_ase_matches_potential(calc, potential, frame, request):
 
         np.testing.assert_allclose(atoms.get_stress(), full_3x3_to_voigt_6_stress(ref["stress"]),
                                    rtol=1e-10, atol=1e-12)
+    if frame == "slab":
+        assert isolated.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), rel=1e-12)
+        assert abs(atoms.get_potential_energy() - periodic_energy) > 1e-6   # the open axis matters
 
 
 def test_ase_unwrapped_coordinates(calc, periodic_triclinic):
