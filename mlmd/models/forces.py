@@ -13,12 +13,13 @@ from torch import Tensor
 
 
 def edge_forces(atom_energy: Tensor, vectors: Tensor, edge_index: Tensor, n_atoms: int,
-                compute_virial: bool, create_graph: bool) -> Dict[str, Tensor]:
+                compute_virial: bool, create_graph: bool, atom_virial: bool = False) -> Dict[str, Tensor]:
     """atom_energy [M,N] eV computed from vectors [M,E,3] Å (requires_grad).
 
-    Returns atom_energy [M,N], forces [M,N,3] eV/Å and, if asked, virial [M,3,3] eV and its
-    split over atoms, atom_virial [M,N,3,3] eV (each edge booked to its centre atom), from which
-    training sums the virial of each frame of a batch.
+    Returns atom_energy [M,N], forces [M,N,3] eV/Å and, if ``compute_virial``, virial [M,3,3] eV;
+    with ``atom_virial`` also its split over atoms, atom_virial [M,N,3,3] eV (each edge booked to
+    its centre atom), from which training sums the virial of each frame of a batch (1.5x the
+    cost of the plain virial, so inference does not ask for it).
     """
     grads = torch.autograd.grad([atom_energy.sum()], [vectors], create_graph=create_graph,
                                 allow_unused=True)
@@ -28,10 +29,12 @@ def edge_forces(atom_energy: Tensor, vectors: Tensor, edge_index: Tensor, n_atom
     forces = torch.zeros((vectors.shape[0], n_atoms, 3), dtype=vectors.dtype, device=vectors.device)
     forces = forces.index_add(1, edge_index[0], dE_dd).index_add(1, edge_index[1], -dE_dd)
     result: Dict[str, Tensor] = {"atom_energy": atom_energy, "forces": forces}
-    if compute_virial:
+    if compute_virial and atom_virial:
         edge_virial = -vectors.unsqueeze(-1) * dE_dd.unsqueeze(-2)                  # [M,E,3,3]
-        atom_virial = torch.zeros((vectors.shape[0], n_atoms, 3, 3), dtype=vectors.dtype, device=vectors.device)
-        atom_virial = atom_virial.index_add(1, edge_index[0], edge_virial)
-        result["atom_virial"] = atom_virial
-        result["virial"] = atom_virial.sum(dim=1)
+        split = torch.zeros((vectors.shape[0], n_atoms, 3, 3), dtype=vectors.dtype, device=vectors.device)
+        split = split.index_add(1, edge_index[0], edge_virial)
+        result["atom_virial"] = split
+        result["virial"] = split.sum(dim=1)
+    elif compute_virial:
+        result["virial"] = -torch.einsum("mei,mej->mij", vectors, dE_dd)
     return result

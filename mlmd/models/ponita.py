@@ -261,8 +261,10 @@ class PonitaPotential(nn.Module):
 
     @torch.jit.export
     def energy_and_forces(self, edge_vectors: Tensor, species_index: Tensor, edge_index: Tensor,
-                          compute_virial: bool, create_graph: bool) -> Dict[str, Tensor]:
-        """Member per-atom energies [M,N], forces [M,N,3] and, if asked, virials [M,3,3].
+                          compute_virial: bool, create_graph: bool,
+                          atom_virial: bool = False) -> Dict[str, Tensor]:
+        """Member per-atom energies [M,N], forces [M,N,3] and, if asked, virials [M,3,3]
+        (and with ``atom_virial`` their split over atoms [M,N,3,3], for training).
 
         edge_vectors [E,3] Å (no member axis).  F_i = -dE/dx_i with d_e = x_j - x_i, hence
         F_i += dE/dd_e for e=(i,j) and F_j -= dE/dd_e; virial W = -sum_e d_e (x) dE/dd_e.
@@ -271,4 +273,4 @@ class PonitaPotential(nn.Module):
         n_atoms = species_index.shape[0]
         vectors = edge_vectors.detach().unsqueeze(0).repeat(members, 1, 1).requires_grad_(True)
         atom_energy = self.forward(vectors, species_index, edge_index)
-        return edge_forces(atom_energy, vectors, edge_index, n_atoms, compute_virial, create_graph)
+        return edge_forces(atom_energy, vectors, edge_index, n_atoms, compute_virial, create_graph, atom_virial)

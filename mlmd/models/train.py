@@ -194,7 +194,7 @@ def predict(model: PonitaPotential, batch: Dict[str, torch.Tensor], create_graph
     """Member energies [M,G] eV, forces [M,N,3] eV/Å and, if asked, virials [M,G,3,3] eV
     (else None) for a batch of G frames."""
     out = model.energy_and_forces(batch["vectors"], batch["species"], batch["edge_index"], compute_virial,
-                                  create_graph)
+                                  create_graph, compute_virial)
     atom_energy = out["atom_energy"]
     energies = torch.zeros((atom_energy.shape[0], batch["energy"].shape[0]), dtype=atom_energy.dtype)
     energies = energies.index_add(1, batch["batch"], atom_energy)
