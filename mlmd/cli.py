@@ -82,6 +82,24 @@ def _cmd_run(args) -> int:
     overrides = {"steps": args.steps, "output": args.out}
     config = RunConfig.from_file(args.config, overrides)
     summary = run(config, restart=args.restart, progress=not args.no_progress)
+    return _print_run_summary(config, summary)
+
+
+def _cmd_learn(args) -> int:
+    from .active.learn import LearnConfig, learn
+
+    overrides = {"steps": args.steps, "output": args.out, "mode": args.mode, "dask": args.dask}
+    config = LearnConfig.from_file(args.config, overrides)
+    summary = learn(config, restart=args.restart, progress=not args.no_progress)
+    code = _print_run_summary(config, summary)
+    print(f"  learning: {summary['labels_requested']} labels requested, {summary['labels']} in "
+          f"{config.output}/active/labels.extxyz ({summary['label_failures']} oracle failures), "
+          f"{summary['retrainings']} retrainings, {summary['rollbacks']} rollbacks; model in use: "
+          f"{summary['model']}")
+    return code
+
+
+def _print_run_summary(config, summary) -> int:
     out = config.output
     lines = [f"{summary['steps']} steps ({summary['time_ps']:.3f} ps) of {summary['atoms']} atoms -> {out}/",
              f"  mean T {summary['mean_temperature_K']:.1f} K, conserved-energy std "
@@ -172,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restart", action="store_true", help="continue from OUT/checkpoint.npz")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("learn", help="MD with on-the-fly learning: label uncertain frames, retrain, swap")
+    p.add_argument("config", help="YAML file, or a folder holding learn.yaml (see mlmd.active.learn)")
+    p.add_argument("--steps", type=int, default=None, help="total steps (overrides the config)")
+    p.add_argument("--out", default=None, help="output folder (overrides the config's output)")
+    p.add_argument("--mode", default=None, choices=["sync", "async"], help="overrides the config's mode")
+    p.add_argument("--dask", default=None, help="none | local | tcp://host:port (overrides the config)")
+    p.add_argument("--restart", action="store_true", help="continue after a kill, from OUT/checkpoint.npz")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_learn)
 
     p = sub.add_parser("bench", help="side-by-side benchmarks (ratios printed)")
     p.add_argument("name", choices=["committee", "neighbors", "md", "openmm"],

@@ -80,13 +80,16 @@ class TrajectoryReporter:
 class CheckpointReporter:
     """Saves an exact-restart checkpoint, recording how far the other reporters got."""
 
-    def __init__(self, path, log: CSVLog, trajectory: TrajectoryReporter):
+    def __init__(self, path, log: CSVLog, trajectory: TrajectoryReporter, extra_state=None):
         self.path = os.fspath(path)
         self.log = log
         self.trajectory = trajectory
+        self.extra_state = extra_state      # callable -> dict saved too (e.g. the learning loop's)
 
-    def __call__(self, sim) -> None:
-        if sim.state.step == 0:
+    def __call__(self, sim, force: bool = False) -> None:
+        if sim.state.step == 0 and not force:
             return
-        sim.save_checkpoint(self.path, extra={"log_rows": self.log.rows,
-                                              "trajectory_frames": self.trajectory.frames})
+        extra = {"log_rows": self.log.rows, "trajectory_frames": self.trajectory.frames}
+        if self.extra_state is not None:
+            extra.update(self.extra_state())
+        sim.save_checkpoint(self.path, extra=extra)

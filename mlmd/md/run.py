@@ -53,6 +53,9 @@ class RunConfig:
     checkpoint_interval: int = 1000
     plot: bool = True
 
+    CONFIG_NAME = CONFIG_NAME                  # the file looked for in a folder
+    PATH_KEYS = ("structure", "model")         # resolved relative to the config file
+
     @classmethod
     def from_file(cls, path: str, overrides: Optional[Dict[str, Any]] = None) -> "RunConfig":
         import yaml
@@ -60,9 +63,9 @@ class RunConfig:
         path = os.fspath(path)
         if os.path.isdir(path):
             folder = path
-            path = os.path.join(path, CONFIG_NAME)
+            path = os.path.join(path, cls.CONFIG_NAME)
             if not os.path.isfile(path):
-                raise InputError(f"config: folder {folder!r} has no {CONFIG_NAME}; give a YAML file")
+                raise InputError(f"config: folder {folder!r} has no {cls.CONFIG_NAME}; give a YAML file")
         if not os.path.isfile(path):
             raise InputError(f"config: file {path!r} does not exist")
         with open(path) as handle:
@@ -74,11 +77,11 @@ class RunConfig:
             raise InputError(f"config: {path!r} must be a mapping of keys to values")
         raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
         base = os.path.dirname(os.path.abspath(path))
-        for key in ("structure", "model"):
+        for key in cls.PATH_KEYS:
             if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]):
                 raw[key] = os.path.join(base, raw[key])
         if "output" not in raw:
-            raw["output"] = os.path.join("runs", os.path.basename(base) if path.endswith(CONFIG_NAME)
+            raw["output"] = os.path.join("runs", os.path.basename(base) if path.endswith(cls.CONFIG_NAME)
                                          else os.path.splitext(os.path.basename(path))[0])
         return cls.from_dict(raw, source=path)
 
@@ -136,8 +139,15 @@ class RunConfig:
             bad("trajectory", f"must end in one of {['.' + f for f in TRAJECTORY_FORMATS]}")
 
 
-def run(config: RunConfig, restart: bool = False, progress: bool = True) -> Dict[str, Any]:
-    """Run (or continue) the MD described by ``config``; returns a summary dict."""
+def run(config: RunConfig, restart: bool = False, progress: bool = True, extension=None) -> Dict[str, Any]:
+    """Run (or continue) the MD described by ``config``; returns a summary dict.
+
+    ``extension`` (the learning loop of ``mlmd learn``) plugs into the run: ``state()`` goes
+    into every checkpoint, ``start(sim, extra, checkpoint)`` is called once the state is
+    restored (``extra``: the checkpoint's, None for a fresh run; ``checkpoint()`` saves one
+    now) and returns [(observer, interval)], ``finish(sim)`` at exit, ``summary()`` is merged
+    into the result.
+    """
     import yaml
 
     from .reporters import CheckpointReporter, CSVLog, TrajectoryReporter
@@ -158,7 +168,9 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True) -> Dict
     log = CSVLog(os.path.join(out, "log.csv"), committee=sim.potential.committee_size > 1)
     trajectory = TrajectoryReporter(os.path.join(out, config.trajectory), sim.atoms, config.timestep,
                                     config.trajectory_interval)
-    checkpointer = CheckpointReporter(checkpoint, log, trajectory)
+    checkpointer = CheckpointReporter(checkpoint, log, trajectory,
+                                      extra_state=extension.state if extension is not None else None)
+    extra = None
     if restart:
         extra = sim.load_checkpoint(checkpoint)
         log.truncate(int(extra.get("log_rows", 0)))
@@ -175,6 +187,9 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True) -> Dict
     sim.attach(log, config.log_interval)
     sim.attach(trajectory, config.trajectory_interval)
     sim.attach(checkpointer, config.checkpoint_interval)
+    if extension is not None:
+        for observer, interval in extension.start(sim, extra, lambda: checkpointer(sim, force=True)):
+            sim.attach(observer, interval)
     remaining = max(config.steps - sim.state.step, 0)
     interrupted = False
     try:
@@ -182,6 +197,8 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True) -> Dict
     except KeyboardInterrupt:
         interrupted = True
     finally:
+        if extension is not None:
+            extension.finish(sim)
         log.close()
         trajectory.writer.close()
     if sim.steps_run and sim.state.step % config.log_interval:
@@ -190,6 +207,8 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True) -> Dict
     checkpointer(sim)       # and in the checkpoint
     summary = summarize(os.path.join(out, "log.csv"), sim)
     summary["interrupted"] = interrupted
+    if extension is not None:
+        summary.update(extension.summary())
     if config.plot:
         summary["plot"] = plot_log(os.path.join(out, "log.csv"), os.path.join(out, "summary.png"),
                                    title=f"{os.path.basename(config.structure)} — {config.integrator}, "

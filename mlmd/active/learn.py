@@ -1,0 +1,168 @@
+"""``mlmd learn CONFIG``: MD in the internal engine with the learning loop on, resumable.
+
+A config is a ``mlmd run`` config plus the loop's keys (paths relative to the file)::
+
+    structure: ethanol.xyz
+    model: initial_committee.pt
+    oracle: gfn2-xtb                # gfn2-xtb | gfn1-xtb | emt
+    train_data: train.extxyz        # the frames the model was trained on (kept in fine-tuning)
+    val_data: val.extxyz            # held-out frames for the σ calibration (optional)
+    integrator: langevin
+    temperature: 600
+    timestep: 0.5
+    steps: 20000
+    sigma_lo: 0.15                  # eV/Å, calibrated max atomic force σ: below, trusted
+    sigma_hi: 1.5                   # eV/Å: at or above, lost (roll back)
+    labels_per_ns: 2000             # budget (0: none)
+    batch_size: 4                   # candidates per retraining
+    check_interval: 10              # steps between two looks at σ
+    mode: sync                      # sync | async
+    dask: none                      # none | local | tcp://scheduler:8786
+    output: runs/learn
+
+writes what ``mlmd run`` writes plus ``active/`` (labels.extxyz, label_failures.jsonl,
+models/generation_NNN.pt, state.json) and ``learn.csv``.  A checkpoint is written with every
+trajectory frame and after every swap; ``--restart`` after a kill continues from it with the
+newest model, first retraining on labels that were written but not yet trained on, so no
+label and no trajectory frame is lost.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Optional
+
+from ..errors import InputError
+from ..md.run import RunConfig, run
+from .finetune import FinetuneConfig
+
+LEARN_CONFIG_NAME = "learn.yaml"
+
+
+@dataclass
+class LearnConfig(RunConfig):
+    oracle: str = "gfn2-xtb"
+    train_data: Optional[str] = None
+    val_data: Optional[str] = None
+    sigma_lo: float = 0.15
+    sigma_hi: float = 1.5
+    labels_per_ns: float = 0.0
+    burst: int = 8
+    batch_size: int = 4
+    dedup_rmsd: float = 0.05
+    check_interval: int = 10
+    mode: str = "sync"
+    rollback: bool = True
+    dask: Optional[str] = None
+    workers: int = 2
+    oracle_timeout: Optional[float] = None
+    val_every: int = 5
+    finetune: Dict[str, Any] = field(default_factory=dict)
+    output: str = "runs/learn"
+    checkpoint_interval: int = 100       # = trajectory_interval by default: no frame without a checkpoint
+
+    CONFIG_NAME = LEARN_CONFIG_NAME
+    PATH_KEYS = ("structure", "model", "train_data", "val_data")
+
+    def validate(self, source: str = "config") -> None:
+        super().validate(source)
+        from ..uncertainty import TrustLevels
+        from .loop import MODES
+        from .oracles import ORACLES
+
+        if self.oracle not in ORACLES:
+            raise InputError(f"{source}: oracle: must be one of {ORACLES}, got {self.oracle!r}")
+        for key in ("train_data", "val_data"):
+            value = getattr(self, key)
+            if value is not None and not os.path.isfile(value):
+                raise InputError(f"{source}: {key}: file {value!r} does not exist")
+        try:
+            TrustLevels(self.sigma_lo, self.sigma_hi)
+        except InputError as exc:
+            raise InputError(f"{source}: {exc}") from None
+        if self.mode not in MODES:
+            raise InputError(f"{source}: mode: must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.check_interval, int) or self.check_interval < 1:
+            raise InputError(f"{source}: check_interval: must be a whole number >= 1, got {self.check_interval!r}")
+        if self.trajectory_interval % self.checkpoint_interval:
+            raise InputError(f"{source}: checkpoint_interval: must divide trajectory_interval "
+                             f"({self.trajectory_interval}) so that every trajectory frame is covered by a "
+                             f"checkpoint, got {self.checkpoint_interval}")
+        unknown = set(self.finetune) - set(FinetuneConfig.__dataclass_fields__)
+        if unknown:
+            raise InputError(f"{source}: finetune: unknown key(s) {sorted(unknown)}; known: "
+                             f"{sorted(FinetuneConfig.__dataclass_fields__)}")
+
+
+class LearningExtension:
+    """The learning loop as an extension of :func:`mlmd.md.run.run`."""
+
+    def __init__(self, config: LearnConfig, progress: bool = True):
+        self.config = config
+        self.learner = None
+        self.host = None
+        self.client = None
+        self._checkpoint = None
+
+    def start(self, sim, extra: Optional[Dict], checkpoint):
+        from ..uncertainty import Trigger, TrustLevels
+        from .hooks import RetrainingHook
+        from .hosts import EngineHost
+        from .labeling import make_client
+        from .loop import ActiveLearner
+
+        c = self.config
+        self.client = make_client(c.dask, c.workers) if c.dask else None
+        workdir = os.path.join(c.output, "active")
+        hook = RetrainingHook(c.model, c.oracle, workdir, train_data=c.train_data, val_data=c.val_data,
+                              client=self.client, finetune=FinetuneConfig(**c.finetune), val_every=c.val_every,
+                              timeout=c.oracle_timeout)
+        trigger = Trigger(TrustLevels(c.sigma_lo, c.sigma_hi), labels_per_ns=c.labels_per_ns, burst=c.burst,
+                          dedup_rmsd=c.dedup_rmsd, batch_size=c.batch_size)
+        self.learner = ActiveLearner(hook, trigger, mode=c.mode, rollback=c.rollback,
+                                     log=os.path.join(c.output, "learn.csv"), seed=c.seed,
+                                     on_swap=lambda *_: checkpoint())
+        self.host = EngineHost(sim)
+        self._checkpoint = checkpoint
+        if extra is not None:                      # a restart: the newest model, the loop's counters
+            trigger.load_state_dict(extra.get("trigger", {}))
+            self.learner.stats.update(extra.get("learner", {}))
+            trigger.recent.extend(hook.labels[-trigger.recent.maxlen:])   # candidates already labelled stay known
+            if hook.untrained:
+                hook.retrain()
+            if os.path.abspath(hook.potential.path) != os.path.abspath(sim.potential.path):
+                self.host.swap(hook.potential)
+            checkpoint()
+        return [(self.learner.observer(self.host), c.check_interval)]
+
+    def state(self) -> Dict:
+        if self.learner is None:
+            return {}
+        stats = {k: v for k, v in self.learner.stats.items()}
+        return {"trigger": self.learner.trigger.state_dict(), "learner": stats,
+                "model_in_use": self.host.potential.path if self.host else ""}
+
+    def finish(self, sim) -> None:
+        if self.learner is not None:
+            self.learner.finish(self.host)
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    def summary(self) -> Dict:
+        if self.learner is None:
+            return {}
+        hook = self.learner.hook
+        return {"labels": len(hook.labels), "labels_requested": self.learner.stats["labels_requested"],
+                "retrainings": self.learner.stats["retrainings"], "rollbacks": self.learner.stats["rollbacks"],
+                "generation": hook.generation, "model": hook.potential.path,
+                "label_failures": int(hook.state.get("failures", 0)), "checks": dict(self.learner.trigger.counts)}
+
+
+def learn(config: LearnConfig, restart: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Run ``mlmd learn``; returns the run summary with the loop's counts."""
+    return run(config, restart=restart, progress=progress, extension=LearningExtension(config, progress))
+
+
+def config_dict(config: LearnConfig) -> Dict:
+    return asdict(config)
