@@ -11,7 +11,7 @@ from typing import Dict, Optional, Sequence
 
 import numpy as np
 
-from .. import keys, units
+from .. import units
 from ..potential import as_potential
 
 

@@ -27,11 +27,11 @@ import concurrent.futures
 import math
 import os
 import time
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from .. import keys
 from ..errors import InputError, MLMDError
-from ..uncertainty import CANDIDATE, LOST, TRUSTED, RingBuffer, Trigger, frame_scores
+from ..uncertainty import CANDIDATE, TRUSTED, RingBuffer, Trigger, frame_scores
 
 MODES = ("sync", "async")
 

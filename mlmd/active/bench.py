@@ -1,0 +1,225 @@
+"""``mlmd bench active``: labels needed by the uncertainty-driven loop vs random selection.
+
+Ethanol, GFN2-xTB.  An initial committee is trained on 50 frames of the shipped 300 K data
+set; MD runs at 600 K in the internal engine with the loop on.  After every retraining the
+committee's force MAE on an independent 600 K test set (GFN2-xTB MD, labelled by the same
+oracle) is measured, which gives the loop's learning curve.  The random arm starts from the
+same initial committee, labels frames drawn at random from the loop's own 600 K trajectory
+in batches of the same size, fine-tunes with the same settings and is measured the same way.
+Printed side by side: labels needed by each arm to reach the loop's final MAE.
+
+Everything is cached in OUT (test set, initial committee), so a second run only redoes the arms.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Dict, List
+
+import numpy as np
+
+from .. import keys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ETHANOL = os.path.join(ROOT, "systems", "ethanol")
+
+
+def prepare(out: str, n_train: int = 50, n_val: int = 10, n_test300: int = 100, test_frames: int = 100,
+            temperature: float = 600.0, hyperparameters=None, epochs: int = 300, progress: bool = True) -> Dict:
+    """The cached inputs: 300 K train/val/test frames, the 600 K test set, the initial committee."""
+    import ase.io
+
+    from ..models.data import read_dataset, sample_md
+    from ..models.train import TrainConfig, train
+
+    os.makedirs(out, exist_ok=True)
+    paths = {name: os.path.join(out, f"{name}.extxyz") for name in ("train300", "val300", "test300")}
+    paths["test600"] = os.path.join(out, f"test_{int(temperature)}K.extxyz")
+    paths["initial"] = os.path.join(out, "initial", "model.pt")
+    if not all(os.path.isfile(paths[k]) for k in ("train300", "val300", "test300")):
+        frames = read_dataset(os.path.join(ETHANOL, "data.extxyz"))
+        order = np.random.default_rng(0).permutation(len(frames))
+        cuts = np.cumsum([n_train, n_val, n_test300])
+        for name, idx in zip(("train300", "val300", "test300"), np.split(order[:cuts[-1]], cuts[:-1])):
+            ase.io.write(paths[name], [frames[i] for i in idx], format="extxyz")
+    if not os.path.isfile(paths["test600"]):
+        start = ase.io.read(os.path.join(ETHANOL, "ethanol.xyz"))
+        tmp = paths["test600"] + ".part"
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        sample_md(start, "gfn2-xtb", tmp, frames=test_frames, temperature=temperature, interval=40,
+                  equilibration=1000, seed=11, progress=progress)
+        os.replace(tmp, paths["test600"])
+    if not os.path.isfile(paths["initial"]):
+        both = os.path.join(out, "initial", "data.extxyz")
+        os.makedirs(os.path.dirname(both), exist_ok=True)
+        ase.io.write(both, read_dataset(paths["train300"]) + read_dataset(paths["val300"]), format="extxyz")
+        hp = dict(hyperparameters or {"channels": 16, "layers": 2, "grid": 12})
+        config = TrainConfig(data=both, out=os.path.dirname(paths["initial"]), committee=4, epochs=epochs,
+                             n_train=n_train, n_val=n_val, n_test=0, warmup_epochs=10, patience=epochs,
+                             hyperparameters=hp, progress=progress)
+        train(config)
+    return paths
+
+
+def force_mae(potential, frames) -> float:
+    errors = [np.abs(potential.compute_atoms(a)[keys.FORCES] - a.calc.results[keys.DATA_FORCES]).mean()
+              for a in frames]
+    return float(np.mean(errors))
+
+
+def calibrated_initial(paths: Dict, out: str) -> str:
+    """The initial committee with its σ calibrated on the 300 K validation frames (so that the
+    trust levels mean the same before and after the first retraining)."""
+    import mlmd
+    from ..models.data import read_dataset
+    from ..potential import export
+    from ..uncertainty import calibrate
+    from .finetune import trainable_from_potential
+
+    path = os.path.join(out, "initial", "calibrated.pt")
+    if not os.path.isfile(path):
+        pot = mlmd.load(paths["initial"])
+        factor = calibrate(pot, read_dataset(paths["val300"])).factor
+        model, _ = trainable_from_potential(pot)
+        export(model, path, dict(pot.metadata), dtype=pot.metadata[keys.META_DTYPE], calibration_factor=factor)
+    return path
+
+
+def run_loop(paths: Dict, model: str, out: str, steps: int, temperature: float, sigma_lo: float, sigma_hi: float,
+             batch_size: int, finetune, check_interval: int = 20, seed: int = 1, client=None,
+             progress: bool = True) -> Dict:
+    """The uncertainty-driven arm; returns its learning curve and the trajectory frames it visited."""
+    import shutil
+
+    import ase.io
+    import mlmd
+    from ..models.data import read_dataset
+    from ..uncertainty import Trigger, TrustLevels
+    from .hooks import RetrainingHook
+    from .hosts import EngineHost
+    from .loop import ActiveLearner
+
+    workdir = os.path.join(out, "loop")
+    shutil.rmtree(workdir, ignore_errors=True)
+    test = read_dataset(paths["test600"])
+    hook = RetrainingHook(model, "gfn2-xtb", workdir, train_data=paths["train300"], val_data=paths["val300"],
+                          client=client, finetune=finetune)
+    curve = [(0, force_mae(hook.potential, test))]
+    learner = ActiveLearner(hook, Trigger(TrustLevels(sigma_lo, sigma_hi), batch_size=batch_size),
+                            log=os.path.join(workdir, "learn.csv"), seed=seed)
+    sim = mlmd.Simulation(ase.io.read(os.path.join(ETHANOL, "ethanol.xyz")), model, integrator="langevin",
+                          timestep=0.5, temperature=temperature, seed=seed)
+    host = EngineHost(sim)
+    visited = []
+    generation = [0]
+
+    def watch(s):
+        learner.check(host)
+        if hook.generation != generation[0]:
+            generation[0] = hook.generation
+            curve.append((len(hook.labels), force_mae(hook.potential, test)))
+        visited.append(host.frame())
+
+    sim.attach(watch, check_interval)
+    start = time.perf_counter()
+    sim.run(steps, progress=progress)
+    learner.finish(host)
+    if hook.generation != generation[0]:
+        curve.append((len(hook.labels), force_mae(hook.potential, test)))
+    return {"curve": curve, "visited": visited, "stats": dict(learner.stats), "counts": dict(learner.trigger.counts),
+            "labels": len(hook.labels), "wall_s": time.perf_counter() - start, "final_model": hook.potential.path}
+
+
+def run_random(paths: Dict, model: str, out: str, frames: List, batch_size: int, max_labels: int, target: float,
+               finetune, seed: int = 0, client=None) -> Dict:
+    """The random arm: batches of frames drawn at random from ``frames``, same hook, same settings."""
+    import shutil
+
+    from ..models.data import read_dataset
+    from .hooks import RetrainingHook
+
+    workdir = os.path.join(out, "random")
+    shutil.rmtree(workdir, ignore_errors=True)
+    test = read_dataset(paths["test600"])
+    hook = RetrainingHook(model, "gfn2-xtb", workdir, train_data=paths["train300"], val_data=paths["val300"],
+                          client=client, finetune=finetune)
+    order = np.random.default_rng(seed).permutation(len(frames))
+    curve = [(0, force_mae(hook.potential, test))]
+    start = time.perf_counter()
+    for lo in range(0, min(max_labels, len(order)), batch_size):
+        batch = [frames[i].copy() for i in order[lo:lo + batch_size]]
+        for atoms in batch:
+            atoms.info["active_host"] = "random"
+        if hook.on_candidates(batch) is not None:
+            curve.append((len(hook.labels), force_mae(hook.potential, test)))
+        if curve[-1][1] <= target:
+            break
+    return {"curve": curve, "labels": len(hook.labels), "wall_s": time.perf_counter() - start}
+
+
+def labels_to_reach(curve, target: float) -> float:
+    for labels, mae in curve:
+        if mae <= target:
+            return labels
+    return float("nan")
+
+
+def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature: float = 600.0,
+                 sigma_lo: float = 0.3, sigma_hi: float = 3.0, batch_size: int = 4, epochs: int = 30,
+                 dask: str = None, progress: bool = True) -> Dict:
+    """Both arms side by side; prints the table, writes OUT/active_bench.json and .png."""
+    from .finetune import FinetuneConfig
+    from .labeling import make_client
+
+    paths = prepare(out, temperature=temperature, progress=progress)
+    model = calibrated_initial(paths, out)
+    finetune = FinetuneConfig(epochs=epochs, batch_size=8)
+    client = make_client(dask) if dask else None
+    try:
+        loop = run_loop(paths, model, out, steps, temperature, sigma_lo, sigma_hi, batch_size, finetune,
+                        client=client, progress=progress)
+        initial_mae = loop["curve"][0][1]
+        target = loop["curve"][-1][1]
+        rand = run_random(paths, model, out, loop["visited"], batch_size, max_labels=3 * max(loop["labels"], 4),
+                          target=target, finetune=finetune, client=client)
+    finally:
+        if client is not None:
+            client.close()
+    need_loop, need_random = labels_to_reach(loop["curve"], target), labels_to_reach(rand["curve"], target)
+    result = {"temperature_K": temperature, "steps": steps, "sigma_lo": sigma_lo, "sigma_hi": sigma_hi,
+              "batch_size": batch_size, "finetune_epochs": epochs, "initial_mae": initial_mae, "target_mae": target,
+              "loop_curve": loop["curve"], "random_curve": rand["curve"], "loop_stats": loop["stats"],
+              "loop_counts": loop["counts"], "labels_loop": need_loop, "labels_random": need_random,
+              "loop_wall_s": loop["wall_s"], "random_wall_s": rand["wall_s"]}
+    with open(os.path.join(out, "active_bench.json"), "w") as handle:
+        json.dump(result, handle, indent=1)
+    _plot(result, os.path.join(out, "active_bench.png"))
+    ratio = need_loop / need_random if need_random == need_random and need_random else float("nan")
+    print(f"ethanol, GFN2-xTB, {temperature:.0f} K, initial committee on 50 frames at 300 K: "
+          f"600 K force MAE {initial_mae:.4f} eV/Å")
+    print(f"{'arm':<22}{'labels':>8}{'retrainings':>13}{'final MAE':>12}")
+    print(f"{'uncertainty loop':<22}{loop['labels']:>8}{loop['stats']['retrainings']:>13}{loop['curve'][-1][1]:>12.4f}")
+    print(f"{'random frames':<22}{rand['labels']:>8}{len(rand['curve']) - 1:>13}{rand['curve'][-1][1]:>12.4f}")
+    print(f"labels to reach {target:.4f} eV/Å: loop {need_loop}, random {need_random} "
+          f"(loop/random = {ratio:.2f}; target <= 0.50); initial/final MAE = {initial_mae / target:.2f} (target >= 2)")
+    return result
+
+
+def _plot(result: Dict, path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, key in (("uncertainty loop", "loop_curve"), ("random frames", "random_curve")):
+        labels, mae = zip(*result[key])
+        ax.plot(labels, mae, "o-", label=name)
+    ax.axhline(result["target_mae"], color="k", ls="--", lw=0.8)
+    ax.set_xlabel("new GFN2-xTB labels")
+    ax.set_ylabel(f"force MAE on {result['temperature_K']:.0f} K test set (eV/Å)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
