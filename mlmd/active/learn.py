@@ -128,6 +128,9 @@ class LearningExtension:
             trigger.load_state_dict(extra.get("trigger", {}))
             self.learner.stats.update(extra.get("learner", {}))
             trigger.recent.extend(hook.labels[-trigger.recent.maxlen:])   # candidates already labelled stay known
+            # learn.csv is appended to: rows after this line replay steps logged before the kill
+            self.learner._event(self.host, "restart", f"from the checkpoint of step {sim.state.step}, "
+                                f"{len(hook.labels)} labels, {hook.untrained} not yet trained on")
             if hook.untrained:
                 hook.retrain()
             if os.path.abspath(hook.potential.path) != os.path.abspath(sim.potential.path):
