@@ -95,7 +95,7 @@ def finetune_members(init: Dict, state: Dict[str, torch.Tensor], frames: Sequenc
     """
     import time
 
-    from ..models.train import Graphs, TrainConfig, build_model, member_losses, random_rotation
+    from ..models.train import Graphs, TrainConfig, build_model, member_losses, rotate_batch
 
     config.validate()
     if threads:
@@ -128,10 +128,7 @@ def finetune_members(init: Dict, state: Dict[str, torch.Tensor], frames: Sequenc
         running = 0.0
         for lo in range(0, len(order), config.batch_size):
             batch = graphs.batch(order[lo:lo + config.batch_size].tolist())
-            rotation = random_rotation(generator, batch["vectors"].dtype)
-            batch["vectors"] = batch["vectors"] @ rotation.t()
-            batch["forces"] = batch["forces"] @ rotation.t()
-            batch["virial"] = rotation @ batch["virial"] @ rotation.t()
+            rotate_batch(batch, generator)
             loss = member_losses(model, batch, scale, loss_config, None, True).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -189,6 +189,15 @@ def random_rotation(generator: torch.Generator, dtype: torch.dtype) -> torch.Ten
     return q.to(dtype)
 
 
+def rotate_batch(batch: Dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    """Rotate a batch's edge vectors, force labels and virial labels (R W Rᵀ) by one random
+    rotation, in place: the augmentation that teaches the finite S^2 grid invariance."""
+    rotation = random_rotation(generator, batch["vectors"].dtype)
+    batch["vectors"] = batch["vectors"] @ rotation.t()
+    batch["forces"] = batch["forces"] @ rotation.t()
+    batch["virial"] = rotation @ batch["virial"] @ rotation.t()
+
+
 def predict(model: PonitaPotential, batch: Dict[str, torch.Tensor], create_graph: bool,
             compute_virial: bool = False):
     """Member energies [M,G] eV, forces [M,N,3] eV/Å and, if asked, virials [M,G,3,3] eV
@@ -407,10 +416,7 @@ def train(config: TrainConfig) -> Dict:
         for lo in range(0, len(order), config.batch_size):
             batch = graphs.batch(order[lo:lo + config.batch_size].tolist())
             if config.augment_rotations:
-                rotation = random_rotation(generator, batch["vectors"].dtype)
-                batch["vectors"] = batch["vectors"] @ rotation.t()
-                batch["forces"] = batch["forces"] @ rotation.t()
-                batch["virial"] = rotation @ batch["virial"] @ rotation.t()
+                rotate_batch(batch, generator)
             loss = member_losses(model, batch, scale, config, weights, True).sum()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
