@@ -95,7 +95,7 @@ def finetune_members(init: Dict, state: Dict[str, torch.Tensor], frames: Sequenc
     """
     import time
 
-    from ..models.train import Graphs, TrainConfig, build_model, member_losses, rotate_batch
+    from ..models.train import Graphs, TrainConfig, build_model, optimizer_step, rotate_batch
 
     config.validate()
     if threads:
@@ -129,12 +129,7 @@ def finetune_members(init: Dict, state: Dict[str, torch.Tensor], frames: Sequenc
         for lo in range(0, len(order), config.batch_size):
             batch = graphs.batch(order[lo:lo + config.batch_size].tolist())
             rotate_batch(batch, generator)
-            loss = member_losses(model, batch, scale, loss_config, None, True).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            running += float(loss.detach()) / len(members)
+            running += optimizer_step(model, batch, scale, loss_config, None, optimizer, scheduler) / len(members)
         losses.append(running / steps_per_epoch)
     model.eval()
     new_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

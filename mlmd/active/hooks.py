@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence
 
 from .. import keys
 from ..errors import InputError
@@ -186,6 +186,3 @@ def _frames(data, name: str) -> List:
             raise InputError(f"{name}: frame {index} has no energy/forces labels; pass labelled frames "
                              "(an extxyz written by `mlmd label`)")
     return frames
-
-
-Hook = Union[RetrainingHook, object]

@@ -29,7 +29,7 @@ label and no trajectory frame is lost.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 from ..errors import InputError
@@ -97,12 +97,11 @@ class LearnConfig(RunConfig):
 class LearningExtension:
     """The learning loop as an extension of :func:`mlmd.md.run.run`."""
 
-    def __init__(self, config: LearnConfig, progress: bool = True):
+    def __init__(self, config: LearnConfig):
         self.config = config
         self.learner = None
         self.host = None
         self.client = None
-        self._checkpoint = None
 
     def start(self, sim, extra: Optional[Dict], checkpoint):
         from ..uncertainty import Trigger, TrustLevels
@@ -123,7 +122,6 @@ class LearningExtension:
                                      log=os.path.join(c.output, "learn.csv"), seed=c.seed,
                                      on_swap=lambda *_: checkpoint())
         self.host = EngineHost(sim)
-        self._checkpoint = checkpoint
         if extra is not None:                      # a restart: the newest model, the loop's counters
             trigger.load_state_dict(extra.get("trigger", {}))
             self.learner.stats.update(extra.get("learner", {}))
@@ -164,8 +162,4 @@ class LearningExtension:
 
 def learn(config: LearnConfig, restart: bool = False, progress: bool = True) -> Dict[str, Any]:
     """Run ``mlmd learn``; returns the run summary with the loop's counts."""
-    return run(config, restart=restart, progress=progress, extension=LearningExtension(config, progress))
-
-
-def config_dict(config: LearnConfig) -> Dict:
-    return asdict(config)
+    return run(config, restart=restart, progress=progress, extension=LearningExtension(config))

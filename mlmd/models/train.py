@@ -214,6 +214,17 @@ def predict(model: PonitaPotential, batch: Dict[str, torch.Tensor], create_graph
     return energies, out["forces"], virials
 
 
+def optimizer_step(model, batch, scale: float, config: "TrainConfig", weights: Optional[torch.Tensor],
+                   optimizer, scheduler) -> float:
+    """One gradient step on the summed member losses of ``batch``; returns that loss."""
+    loss = member_losses(model, batch, scale, config, weights, True).sum()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    scheduler.step()
+    return float(loss.detach())
+
+
 def member_losses(model, batch, scale: float, config: TrainConfig, weights: Optional[torch.Tensor],
                   create_graph: bool) -> torch.Tensor:
     """[M] loss per member (see module docstring)."""
@@ -417,15 +428,11 @@ def train(config: TrainConfig) -> Dict:
             batch = graphs.batch(order[lo:lo + config.batch_size].tolist())
             if config.augment_rotations:
                 rotate_batch(batch, generator)
-            loss = member_losses(model, batch, scale, config, weights, True).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
+            loss = optimizer_step(model, batch, scale, config, weights, optimizer, scheduler)
             with torch.no_grad():
                 for k, v in params.items():
                     ema[k].mul_(config.ema_decay).add_(v.detach(), alpha=1.0 - config.ema_decay)
-            running += float(loss.detach()) / members
+            running += loss / members
         epoch += 1
         model.eval()
         val = evaluate_with(ema, split["val"])
