@@ -138,6 +138,10 @@ def _cmd_bench(args) -> int:
         from .active.bench import bench_active
         bench_active(out=args.out or os.path.join("runs", "bench_active"), steps=args.steps or 6000,
                      dask=args.dask)
+    elif args.name == "stability":
+        from .active.stability import bench_stability
+        bench_stability(out=args.out or os.path.join("runs", "bench_stability"), seeds=args.seeds,
+                        picoseconds=args.ps)
     return 0
 
 
@@ -206,11 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_learn)
 
     p = sub.add_parser("bench", help="side-by-side benchmarks (ratios printed)")
-    p.add_argument("name", choices=["committee", "neighbors", "md", "openmm", "active"],
+    p.add_argument("name", choices=["committee", "neighbors", "md", "openmm", "active", "stability"],
                    help="committee: M members vs one; neighbors: our list vs vesin/matscipy/ASE and "
                         "the Verlet skin; md: engine overhead vs ASE and OpenMM; openmm: TorchForce "
                         "and PythonForce paths vs the bare model call; active: labels the uncertainty loop needs "
-                        "vs random frames (ethanol, GFN2-xTB, 600 K)")
+                        "vs random frames (ethanol, GFN2-xTB, 600 K); stability: time to a broken bond at 500 K with the "
+                        "loop off vs on")
     p.add_argument("--model", default=os.path.join(_ROOT, "systems", "ethanol", "ethanol_committee.pt"),
                    help="committee, md: model file whose hyper-parameters, dtype and example frame are "
                         "used (openmm always runs the shipped ethanol and alanine dipeptide systems)")
@@ -218,7 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="neighbors: atom counts (256 2048 6912 16384)")
-    p.add_argument("--out", default=None, help="active: folder for the cached inputs and results (runs/bench_active)")
+    p.add_argument("--out", default=None, help="active, stability: folder for the results "
+                   "(runs/bench_active, runs/bench_stability)")
+    p.add_argument("--seeds", type=int, default=5, help="stability: MD runs per arm (5)")
+    p.add_argument("--ps", type=float, default=20.0, help="stability: picoseconds per run (20)")
     p.add_argument("--steps", type=int, default=None, help="active: MD steps of the loop arm (6000)")
     p.add_argument("--dask", default=None, help="active: 'local' or a scheduler address to fan out labels/training")
     p.set_defaults(func=_cmd_bench)

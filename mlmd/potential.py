@@ -139,6 +139,21 @@ def export(model: nn.Module, path: str | os.PathLike, metadata: Dict[str, Any],
     return path
 
 
+def set_calibration(path: str | os.PathLike, factor: float) -> str:
+    """Rewrite the σ calibration factor of the model file ``path`` in place (atomically), without
+    scripting the model again."""
+    if not (np.isfinite(factor) and factor > 0):
+        raise InputError(f"factor: the calibration factor must be finite and > 0, got {factor}")
+    path = os.fspath(path)
+    module, meta = load_module(path)
+    module.calibration_factor = float(factor)
+    meta[keys.META_CALIBRATION] = float(factor)
+    tmp = path + ".tmp"
+    torch.jit.save(module, tmp, _extra_files={keys.METADATA_FILE: json.dumps(meta, indent=1)})
+    os.replace(tmp, path)
+    return path
+
+
 def load_module(path: str | os.PathLike, device: str = "cpu"):
     """Load a model file: returns (scripted module, metadata dict). The only loader."""
     path = os.fspath(path)

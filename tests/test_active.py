@@ -217,6 +217,7 @@ def test_dask_and_in_process_give_the_same_labels(copper_frames):
 def test_model_file_rebuilds_into_a_trainable_committee(copper_frames, tmp_path):
     import mlmd
     from mlmd.active import FinetuneConfig, finetune_committee, trainable_from_potential
+    from mlmd.active.bench import force_mae
     from mlmd.potential import export
 
     pot = mlmd.load(COPPER)
@@ -225,10 +226,16 @@ def test_model_file_rebuilds_into_a_trainable_committee(copper_frames, tmp_path)
     frame = copper_frames[200]
     a, b = pot.compute_atoms(frame), mlmd.load(path).compute_atoms(frame)
     np.testing.assert_array_equal(a["forces"], b["forces"])
-    tuned, _, stats = finetune_committee(pot, copper_frames[:8], FinetuneConfig(epochs=1, batch_size=4))
+    train, held_out = copper_frames[::47], copper_frames[1::50]
+    tuned, _, stats = finetune_committee(pot, train, FinetuneConfig(epochs=10, batch_size=4))
     assert len(stats["members"]) == 1          # in process: all 4 members in one batched pass
-    c = mlmd.load(export(tuned, tmp_path / "tuned.pt", dict(pot.metadata), dtype="float32")).compute_atoms(frame)
-    assert 0 < np.abs(c["forces"] - a["forces"]).max() < 0.2     # moved, not destroyed
+    tuned = mlmd.load(export(tuned, tmp_path / "tuned.pt", dict(pot.metadata), dtype="float32"))
+    assert np.abs(tuned.compute_atoms(frame)["forces"] - a["forces"]).max() > 1e-4      # it moved
+    # a converged committee fine-tuned on a dozen frames of its own distribution stays as good
+    # (lr 5e-3 without a warm-up took the held-out MAE from 0.021 to 0.23 eV/Å)
+    before, after = force_mae(pot, held_out), force_mae(tuned, held_out)
+    print(f"\nheld-out force MAE before/after fine-tuning: {before:.4f} / {after:.4f} eV/Å")
+    assert after < 1.25 * before
 
 
 def _hook(tmp_path, copper_frames, name):
@@ -413,3 +420,23 @@ def test_mlmd_learn_resumes_after_a_kill_without_losing_labels_or_frames(copper_
     print(f"\nkilled with {labels_before.count('Lattice')} labels and "
           f"{trajectory_before.count('Lattice')} frames; after the restart {state['labels']} labels, "
           f"generation {state['generation']}, {trajectory.count('Lattice')} frames")
+
+
+# ---- stability benchmark: the bond criterion ----------------------------------------------------
+
+def test_bond_criterion_finds_ethanol_bonds_and_stops_a_run():
+    import ase.io
+
+    from mlmd.active.stability import covalent_bonds, time_to_failure
+
+    atoms = ase.io.read(os.path.join(ROOT, "systems", "ethanol", "ethanol.xyz"))
+    pairs, lengths = covalent_bonds(atoms)
+    symbols = sorted("".join(sorted(atoms[i].symbol + atoms[j].symbol)) for i, j in pairs)
+    assert symbols == ["CC", "CH", "CH", "CH", "CH", "CH", "CO", "HO"]          # 8 bonds of CH3CH2OH
+    for (i, j), length in zip(pairs, lengths):
+        assert length == pytest.approx(atoms.get_distance(i, j))
+    model = os.path.join(ROOT, "systems", "ethanol", "ethanol_committee.pt")
+    strict = time_to_failure(model, atoms, seed=1, picoseconds=0.1, tolerance=1e-3, check_every=5)
+    assert strict["failed"] and strict["time_ps"] <= 0.01 and strict["max_deviation"] > 1e-3
+    loose = time_to_failure(model, atoms, seed=1, picoseconds=0.1, tolerance=0.5, check_every=5)
+    assert not loose["failed"] and loose["time_ps"] == pytest.approx(0.1) and loose["max_deviation"] < 0.5

@@ -104,18 +104,22 @@ class RetrainingHook:
 
     __call__ = on_candidates
 
-    def retrain(self, requested: int = 0, failed: int = 0, label_seconds: float = 0.0) -> Potential:
-        """Fine-tune on everything labelled so far, recalibrate, export the next generation."""
+    def retrain(self, requested: int = 0, failed: int = 0, label_seconds: float = 0.0,
+                finetune: Optional[FinetuneConfig] = None) -> Potential:
+        """Fine-tune on everything labelled so far, recalibrate, export the next generation.
+
+        ``finetune`` overrides the hook's settings for this one retraining (e.g. a longer final
+        refit after the run, when MD no longer waits for it)."""
         from ..models.data import fingerprint
-        from ..potential import export
+        from ..potential import export, set_calibration
         from ..uncertainty import calibrate
 
         start = time.perf_counter()
-        train = self.train_frames + [a for a in self.labels if a.info.get(SPLIT) == "train"]
-        val = self.val_frames + [a for a in self.labels if a.info.get(SPLIT) == "val"]
+        train, val = self.split_frames()
         if not train:
             raise InputError("train_data: nothing to fine-tune on; give the frames the model was trained on")
-        model, init, stats = finetune_committee(self.potential, train, self.finetune, client=self.client)
+        model, init, stats = finetune_committee(self.potential, train, finetune or self.finetune,
+                                                  client=self.client)
         generation = self.generation + 1
         meta = {k: v for k, v in self.potential.metadata.items()
                 if k not in (keys.META_CALIBRATION, keys.META_DTYPE, keys.META_CUTOFF, keys.META_SPECIES,
@@ -130,8 +134,7 @@ class RetrainingHook:
         calibration = None
         if val:
             calibration = calibrate(potential, val)
-            export(model, path, meta, dtype=dtype, calibration_factor=calibration.factor)
-            potential = as_potential(path)
+            potential = as_potential(set_calibration(path, calibration.factor))
         record = {"generation": generation, "model": path, "labels": len(self.labels),
                   "requested": requested, "failed": failed, "train_frames": len(train), "val_frames": len(val),
                   "label_s": round(label_seconds, 2), "train_s": round(time.perf_counter() - start, 2),
@@ -145,6 +148,11 @@ class RetrainingHook:
         self.state["history"].append(record)
         self._save_state()
         return potential
+
+    def split_frames(self):
+        """(training frames, validation frames): the initial ones plus the labels of each split."""
+        return (self.train_frames + [a for a in self.labels if a.info.get(SPLIT) == "train"],
+                self.val_frames + [a for a in self.labels if a.info.get(SPLIT) == "val"])
 
     # ---- files --------------------------------------------------------------------------------
     def _append_label(self, label) -> None:

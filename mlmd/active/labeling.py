@@ -18,6 +18,7 @@ import numpy as np
 
 from .. import keys
 from ..errors import InputError
+from .oracles import oracle_name
 
 log = logging.getLogger("mlmd.active")
 
@@ -44,17 +45,13 @@ def label_one(atoms, oracle: Union[str, object], index: int = 0) -> Label:
         calculator = make_oracle(oracle)
         frame = atoms.copy()
         frame.calc = None
-        labelled = label_frame(frame, calculator, info={keys.DATA_ORACLE: _oracle_name(oracle)})
+        labelled = label_frame(frame, calculator, info={keys.DATA_ORACLE: oracle_name(oracle)})
         results = labelled.calc.results
         if not (math.isfinite(results[keys.DATA_ENERGY]) and np.isfinite(results[keys.DATA_FORCES]).all()):
             raise FloatingPointError("the oracle returned NaN/Inf energy or forces")
     except Exception as exc:   # any oracle failure (tblite raises its own types) skips the frame
         return Label(index, None, f"{type(exc).__name__}: {exc}".strip(), time.perf_counter() - start)
     return Label(index, labelled, "", time.perf_counter() - start)
-
-
-def _oracle_name(oracle) -> str:
-    return oracle if isinstance(oracle, str) else type(oracle).__name__
 
 
 def label_frames(frames: Sequence, oracle: Union[str, object], client=None, timeout: Optional[float] = None,
@@ -81,9 +78,9 @@ def label_frames(frames: Sequence, oracle: Union[str, object], client=None, time
                 on_label(label)
     for label in results:
         if not label.ok:
-            log.warning("oracle %s: frame %d skipped (%s)", _oracle_name(oracle), label.index, label.error)
+            log.warning("oracle %s: frame %d skipped (%s)", oracle_name(oracle), label.index, label.error)
             if failure_log:
-                _append_json(failure_log, {"time": time.time(), "oracle": _oracle_name(oracle),
+                _append_json(failure_log, {"time": time.time(), "oracle": oracle_name(oracle),
                                            "frame": label.index, "error": label.error,
                                            **{k: v for k, v in frames[label.index].info.items()
                                               if isinstance(v, (int, float, str))}})

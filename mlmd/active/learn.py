@@ -4,7 +4,8 @@ A config is a ``mlmd run`` config plus the loop's keys (paths relative to the fi
 
     structure: ethanol.xyz
     model: initial_committee.pt
-    oracle: gfn2-xtb                # gfn2-xtb | gfn1-xtb | emt
+    oracle: gfn2-xtb                # gfn2-xtb | gfn1-xtb | emt, or an OpenMM force field:
+                                    #   {openmm: {topology: water.pdb, forcefield: [amber14/tip3pfb.xml]}}
     train_data: train.extxyz        # the frames the model was trained on (kept in fine-tuning)
     val_data: val.extxyz            # held-out frames for the σ calibration (optional)
     integrator: langevin
@@ -41,7 +42,7 @@ LEARN_CONFIG_NAME = "learn.yaml"
 
 @dataclass
 class LearnConfig(RunConfig):
-    oracle: str = "gfn2-xtb"
+    oracle: Any = "gfn2-xtb"           # a name, or {"openmm": {...}} (OpenMMForceField's arguments)
     train_data: Optional[str] = None
     val_data: Optional[str] = None
     sigma_lo: float = 0.15
@@ -64,14 +65,29 @@ class LearnConfig(RunConfig):
     CONFIG_NAME = LEARN_CONFIG_NAME
     PATH_KEYS = ("structure", "model", "train_data", "val_data")
 
+    @classmethod
+    def resolve_nested_paths(cls, raw: Dict[str, Any], base: str) -> None:
+        spec = raw.get("oracle")
+        if isinstance(spec, dict) and isinstance(spec.get("openmm"), dict):
+            topology = spec["openmm"].get("topology")
+            if isinstance(topology, str) and not os.path.isabs(topology):
+                spec["openmm"]["topology"] = os.path.join(base, topology)
+
     def validate(self, source: str = "config") -> None:
         super().validate(source)
         from ..uncertainty import TrustLevels
         from .loop import MODES
-        from .oracles import ORACLES
+        from .oracles import ORACLES, make_oracle
 
-        if self.oracle not in ORACLES:
-            raise InputError(f"{source}: oracle: must be one of {ORACLES}, got {self.oracle!r}")
+        if isinstance(self.oracle, dict):
+            try:
+                make_oracle(self.oracle)
+            except InputError as exc:
+                raise InputError(f"{source}: {exc}") from None
+        elif self.oracle not in ORACLES or self.oracle == "openmm":
+            raise InputError(f"{source}: oracle: must be one of {ORACLES[:-1]} or "
+                             f"{{openmm: {{topology: FILE.pdb, forcefield: [amber14/tip3pfb.xml]}}}}, "
+                             f"got {self.oracle!r}")
         for key in ("train_data", "val_data"):
             value = getattr(self, key)
             if value is not None and not os.path.isfile(value):

@@ -80,10 +80,15 @@ class RunConfig:
         for key in cls.PATH_KEYS:
             if isinstance(raw.get(key), str) and not os.path.isabs(raw[key]):
                 raw[key] = os.path.join(base, raw[key])
+        cls.resolve_nested_paths(raw, base)
         if "output" not in raw:
             raw["output"] = os.path.join("runs", os.path.basename(base) if path.endswith(cls.CONFIG_NAME)
                                          else os.path.splitext(os.path.basename(path))[0])
         return cls.from_dict(raw, source=path)
+
+    @classmethod
+    def resolve_nested_paths(cls, raw: Dict[str, Any], base: str) -> None:
+        """Make paths inside nested keys relative to the config file (``base``), in place."""
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], source: str = "config") -> "RunConfig":

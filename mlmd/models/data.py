@@ -108,14 +108,14 @@ def sample_md(atoms, oracle, out: str | os.PathLike, frames: int, temperature: f
     from ase.optimize import BFGS
     from tqdm.auto import tqdm
 
-    from ..active.oracles import make_oracle
+    from ..active.oracles import make_oracle, oracle_name
 
     if frames < 1:
         raise InputError(f"frames: need at least 1, got {frames}")
     if interval < 1:
         raise InputError(f"interval: need at least 1 MD step between frames, got {interval}")
     calc = make_oracle(oracle)
-    oracle_name = oracle if isinstance(oracle, str) else type(oracle).__name__
+    name = oracle_name(oracle)
     atoms = atoms.copy()
     atoms.calc = calc
     if relax:
@@ -130,12 +130,12 @@ def sample_md(atoms, oracle, out: str | os.PathLike, frames: int, temperature: f
         raise InputError(f"out: {out!r} already exists; choose a new file (labels are appended, "
                          "never overwritten)")
     dyn.run(equilibration)
-    with tqdm(total=frames, desc=f"labelling with {oracle_name} at {temperature:g} K",
+    with tqdm(total=frames, desc=f"labelling with {name} at {temperature:g} K",
               disable=not progress, unit="frame") as bar:
         for index in range(frames):
             dyn.run(interval)
             step = equilibration + (index + 1) * interval
-            frame = label_frame(atoms, calc, {keys.DATA_ORACLE: oracle_name,
+            frame = label_frame(atoms, calc, {keys.DATA_ORACLE: name,
                                               keys.DATA_TEMPERATURE: float(temperature),
                                               keys.DATA_STEP: int(step)})
             append_frames(out, [frame])

@@ -1,0 +1,80 @@
+"""Oracles: the OpenMM force-field oracle against finite differences and OpenMM itself."""
+import numpy as np
+import pytest
+
+from mlmd.errors import InputError
+
+
+@pytest.fixture(scope="module")
+def water_pdb(tmp_path_factory):
+    from openmm import app, unit, Vec3
+
+    path = tmp_path_factory.mktemp("water") / "water.pdb"
+    forcefield = app.ForceField("amber14/tip3pfb.xml")
+    modeller = app.Modeller(app.Topology(), [])
+    modeller.addSolvent(forcefield, model="tip3p", boxSize=Vec3(1.2, 1.2, 1.2) * unit.nanometer)
+    with open(path, "w") as handle:
+        app.PDBFile.writeFile(modeller.topology, modeller.positions, handle)
+    return str(path)
+
+
+def _atoms(pdb):
+    import ase.io
+    atoms = ase.io.read(pdb)
+    atoms.pbc = True
+    return atoms
+
+
+def test_openmm_oracle_forces_are_the_energy_gradient(water_pdb):
+    from mlmd.active.oracles import make_oracle
+
+    spec = {"openmm": {"topology": water_pdb, "forcefield": ["amber14/tip3pfb.xml"]}}
+    oracle = make_oracle(spec)
+    assert make_oracle(spec) is oracle                       # one Context per process
+    atoms = _atoms(water_pdb)
+    rng = np.random.default_rng(0)
+    atoms.positions += rng.normal(0, 0.05, atoms.positions.shape)   # off the minimum: flexible bonds act
+    atoms.calc = oracle
+    forces = atoms.get_forces()
+    assert np.abs(forces).max() > 1.0
+    h = 1e-4
+    for index in rng.choice(len(atoms), 4, replace=False):
+        for axis in range(3):
+            energies = []
+            for sign in (1, -1):
+                moved = atoms.copy()
+                moved.positions[index, axis] += sign * h
+                moved.calc = oracle
+                energies.append(moved.get_potential_energy())
+            assert (energies[1] - energies[0]) / (2 * h) == pytest.approx(forces[index, axis], abs=2e-3)
+
+
+def test_openmm_oracle_matches_openmm_and_rejects_a_wrong_frame(water_pdb):
+    import openmm
+    from openmm import app, unit
+
+    from mlmd import units
+    from mlmd.active.labeling import label_frames
+    from mlmd.active.oracles import OpenMMForceField
+
+    pdb = app.PDBFile(water_pdb)
+    system = app.ForceField("amber14/tip3pfb.xml").createSystem(
+        pdb.topology, nonbondedMethod=app.PME, nonbondedCutoff=0.588 * unit.nanometer, constraints=None,
+        rigidWater=False, ewaldErrorTolerance=1e-5)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(pdb.positions)
+    direct = context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+    oracle = OpenMMForceField(water_pdb, cutoff=5.88)
+    atoms = _atoms(water_pdb)
+    atoms.calc = oracle
+    assert atoms.get_potential_energy() == pytest.approx(direct * units.KJ_PER_MOL_TO_EV, rel=1e-9)
+
+    spec = {"openmm": {"topology": water_pdb}}
+    wrong = atoms[:-3]                                      # one water short: skipped, never raised
+    labels = label_frames([atoms, wrong], spec)
+    assert labels[0].ok and labels[0].frame.info["oracle"] == "openmm:amber14/tip3pfb.xml"
+    assert not labels[1].ok and "do not match" in labels[1].error
+    with pytest.raises(InputError, match="oracle.openmm.topology"):
+        OpenMMForceField("missing.pdb")
+    with pytest.raises(InputError, match="forcefield"):
+        OpenMMForceField(water_pdb, forcefield=["no-such-forcefield.xml"])
