@@ -20,6 +20,7 @@ from typing import Dict, List
 import numpy as np
 
 from .. import keys
+from ..errors import InputError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ETHANOL = os.path.join(ROOT, "systems", "ethanol")
@@ -87,21 +88,69 @@ def calibrated_initial(paths: Dict, out: str) -> str:
     return path
 
 
+HOSTS = ("engine", "openmm", "ase")
+
+
+def make_host(kind: str, atoms, model: str, temperature: float, timestep: float = 0.5, friction: float = 1.0,
+              seed: int = 1):
+    """A Langevin MD of ``atoms`` with ``model`` in host ``kind`` (engine | openmm | ase), at
+    ``temperature`` K, ``timestep`` fs, ``friction`` 1/ps; returns (host adapter, advance(n_steps))."""
+    from .hosts import ASEHost, EngineHost, OpenMMHost
+
+    if kind == "engine":
+        import mlmd
+        sim = mlmd.Simulation(atoms.copy(), model, integrator="langevin", timestep=timestep,
+                              temperature=temperature, friction=friction, seed=seed)
+        return EngineHost(sim), sim.run
+    if kind == "ase":
+        from ase import units
+        from ase.md.langevin import Langevin
+        from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+        from mlmd.plugins.ase import MLMDCalculator
+
+        atoms = atoms.copy()
+        atoms.calc = MLMDCalculator(model)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+        dyn = Langevin(atoms, timestep * units.fs, temperature_K=temperature, friction=friction / (1000 * units.fs),
+                       rng=np.random.default_rng(seed + 1))
+        return ASEHost(dyn), dyn.run
+    if kind == "openmm":
+        import openmm
+        from openmm import app, unit
+
+        import mlmd.plugins.openmm as mm_plugin
+        from ..md.io import mdtraj_topology
+
+        topology = mdtraj_topology(atoms).to_openmm()
+        system = mm_plugin.create_system(model, topology)
+        integrator = openmm.LangevinMiddleIntegrator(temperature * unit.kelvin, friction / unit.picosecond,
+                                                     timestep * unit.femtosecond)
+        integrator.setRandomNumberSeed(seed)
+        simulation = app.Simulation(topology, system, integrator, openmm.Platform.getPlatformByName("CPU"))
+        simulation.context.setPositions(atoms.positions * 0.1)
+        simulation.context.setVelocitiesToTemperature(temperature * unit.kelvin, seed + 1)
+        return OpenMMHost(simulation, model, topology), simulation.step
+    raise InputError(f"host: expected one of {HOSTS}, got {kind!r}")
+
+
 def run_loop(paths: Dict, model: str, out: str, steps: int, temperature: float, sigma_lo: float, sigma_hi: float,
              batch_size: int, finetune, check_interval: int = 20, seed: int = 1, client=None,
-             progress: bool = True) -> Dict:
-    """The uncertainty-driven arm; returns its learning curve and the trajectory frames it visited."""
+             progress: bool = True, host: str = "engine") -> Dict:
+    """The uncertainty-driven arm in ``host``; returns its learning curve and the frames it visited.
+
+    MD advances ``check_interval`` steps at a time and the learner checks between chunks, which
+    is what its observer / OpenMM reporter does inside each host."""
     import shutil
 
     import ase.io
-    import mlmd
+    from tqdm.auto import tqdm
+
     from ..models.data import read_dataset
     from ..uncertainty import Trigger, TrustLevels
     from .hooks import RetrainingHook
-    from .hosts import EngineHost
     from .loop import ActiveLearner
 
-    workdir = os.path.join(out, "loop")
+    workdir = os.path.join(out, "loop" if host == "engine" else f"loop_{host}")
     shutil.rmtree(workdir, ignore_errors=True)
     test = read_dataset(paths["test600"])
     hook = RetrainingHook(model, "gfn2-xtb", workdir, train_data=paths["train300"], val_data=paths["val300"],
@@ -109,28 +158,25 @@ def run_loop(paths: Dict, model: str, out: str, steps: int, temperature: float, 
     curve = [(0, force_mae(hook.potential, test))]
     learner = ActiveLearner(hook, Trigger(TrustLevels(sigma_lo, sigma_hi), batch_size=batch_size),
                             log=os.path.join(workdir, "learn.csv"), seed=seed)
-    sim = mlmd.Simulation(ase.io.read(os.path.join(ETHANOL, "ethanol.xyz")), model, integrator="langevin",
-                          timestep=0.5, temperature=temperature, seed=seed)
-    host = EngineHost(sim)
+    adapter, advance = make_host(host, ase.io.read(os.path.join(ETHANOL, "ethanol.xyz")), model, temperature,
+                                 seed=seed)
     visited = []
-    generation = [0]
-
-    def watch(s):
-        learner.check(host)
-        if hook.generation != generation[0]:
-            generation[0] = hook.generation
-            curve.append((len(hook.labels), force_mae(hook.potential, test)))
-        visited.append(host.frame())
-
-    sim.attach(watch, check_interval)
     start = time.perf_counter()
-    sim.run(steps, progress=progress)
-    learner.finish(host)
-    if hook.generation != generation[0]:
+    for _ in tqdm(range(steps // check_interval), desc=f"loop in {host}", disable=not progress):
+        advance(check_interval)
+        generation = hook.generation
+        learner.check(adapter)
+        if hook.generation != generation:
+            curve.append((len(hook.labels), force_mae(hook.potential, test)))
+        visited.append(adapter.frame())
+    generation = hook.generation
+    learner.finish(adapter)
+    if hook.generation != generation:
         curve.append((len(hook.labels), force_mae(hook.potential, test)))
     ase.io.write(os.path.join(workdir, "visited.extxyz"), visited, format="extxyz")
-    return {"curve": curve, "visited": visited, "hook": hook, "stats": dict(learner.stats), "counts": dict(learner.trigger.counts),
-            "labels": len(hook.labels), "wall_s": time.perf_counter() - start, "final_model": hook.potential.path}
+    return {"curve": curve, "visited": visited, "hook": hook, "stats": dict(learner.stats),
+            "counts": dict(learner.trigger.counts), "labels": len(hook.labels),
+            "wall_s": time.perf_counter() - start, "final_model": hook.potential.path}
 
 
 def refit_mae(hook, final, test) -> float:
@@ -190,8 +236,13 @@ def labels_to_reach(curve, target: float) -> float:
 
 def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature: float = 600.0,
                  sigma_lo: float = 0.3, sigma_hi: float = 3.0, batch_size: int = 8, epochs: int = 40,
-                 final_epochs: int = 300, final_lr: float = 1e-2, dask: str = None, progress: bool = True) -> Dict:
+                 final_epochs: int = 300, final_lr: float = 1e-2, dask: str = None, progress: bool = True,
+                 hosts=("engine",)) -> Dict:
     """Both arms side by side; prints the table, writes OUT/active_bench.json and .png.
+
+    ``hosts``: the loop arm runs in the internal engine, and then in each further host named
+    (openmm, ase) from the same initial committee, each with its own labels and final refit;
+    the random arm draws from the engine's trajectory.
 
     In-loop retrainings are short fine-tunes (``epochs`` at the default lr) so that MD waits
     little; the final committee of each arm is a longer refit (``final_epochs`` at ``final_lr``)
@@ -213,6 +264,14 @@ def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature:
         target = loop["curve"][-1][1]
         rand = run_random(paths, model, out, loop["visited"], batch_size, max_labels=3 * max(loop["labels"], 4),
                           target=target, finetune=finetune, client=client, final=final, refit_at=loop["labels"])
+        per_host = {"engine": _host_summary(loop, loop_refit)}
+        for host in hosts:
+            if host == "engine":
+                continue
+            other = run_loop(paths, model, out, steps, temperature, sigma_lo, sigma_hi, batch_size, finetune,
+                             client=client, progress=progress, host=host)
+            refit = (other["labels"], refit_mae(other["hook"], final, test)) if final is not None else None
+            per_host[host] = _host_summary(other, refit)
     finally:
         if client is not None:
             client.close()
@@ -223,7 +282,7 @@ def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature:
               "loop_counts": loop["counts"], "labels_loop": need_loop, "labels_random": need_random,
               "loop_wall_s": loop["wall_s"], "random_wall_s": rand["wall_s"],
               "final_epochs": final_epochs, "final_lr": final_lr, "loop_refit": loop_refit,
-              "random_refit": rand["refit"]}
+              "random_refit": rand["refit"], "hosts": per_host}
     with open(os.path.join(out, "active_bench.json"), "w") as handle:
         json.dump(result, handle, indent=1)
     _plot(result, os.path.join(out, "active_bench.png"))
@@ -241,10 +300,20 @@ def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature:
         if rand["refit"] is not None:
             line += f", random {rand['refit'][1]:.4f} eV/Å with {rand['refit'][0]} labels"
         print(line)
-    final_mae = loop_refit[1] if loop_refit is not None else target
-    print(f"initial/final 600 K MAE (uncertainty loop) = {initial_mae:.4f}/{final_mae:.4f} = "
-          f"{initial_mae / final_mae:.2f} (target >= 2)")
+    print(f"\nthe loop in each host (600 K MAE of the initial committee {initial_mae:.4f} eV/Å; target: "
+          f"initial/final >= 2)")
+    print(f"{'host':<8}{'labels':>8}{'retrainings':>13}{'rollbacks':>11}{'last in-loop MAE':>18}"
+          f"{'final MAE':>11}{'initial/final':>15}")
+    for host, row in per_host.items():
+        print(f"{host:<8}{row['labels']:>8}{row['retrainings']:>13}{row['rollbacks']:>11}{row['in_loop_mae']:>18.4f}"
+              f"{row['final_mae']:>11.4f}{initial_mae / row['final_mae']:>15.2f}")
     return result
+
+
+def _host_summary(loop: Dict, refit) -> Dict:
+    return {"labels": loop["labels"], "retrainings": loop["stats"].get("retrainings", 0),
+            "rollbacks": loop["stats"].get("rollbacks", 0), "in_loop_mae": loop["curve"][-1][1],
+            "final_mae": refit[1] if refit is not None else loop["curve"][-1][1], "wall_s": loop["wall_s"]}
 
 
 def _read(path):

@@ -63,7 +63,7 @@ def time_to_failure(model: str, structure, seed: int, picoseconds: float, temper
 
     pairs, reference = covalent_bonds(structure)
     sim = mlmd.Simulation(structure.copy(), model, integrator="langevin", timestep=timestep,
-                          temperature=temperature, friction=0.01, seed=seed)
+                          temperature=temperature, friction=1.0, seed=seed)   # 1/ps
     host = EngineHost(sim)
     learner = learner_factory() if learner_factory is not None else None
     worst = [0.0]
