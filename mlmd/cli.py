@@ -137,7 +137,7 @@ def _cmd_bench(args) -> int:
     elif args.name == "active":
         from .active.bench import bench_active
         bench_active(out=args.out or os.path.join("runs", "bench_active"), steps=args.steps or 6000,
-                     dask=args.dask, hosts=args.hosts)
+                     dask=args.dask, hosts=args.hosts, pool=args.pool)
     elif args.name == "stability":
         from .active.stability import bench_stability
         bench_stability(out=args.out or os.path.join("runs", "bench_stability"), seeds=args.seeds,
@@ -206,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default=None, choices=["sync", "async"], help="overrides the config's mode")
     p.add_argument("--hosts", nargs="+", default=["engine"], choices=["engine", "openmm", "ase"],
                    help="active: hosts the loop arm runs in (engine; the random arm uses the engine's frames)")
+    p.add_argument("--pool", type=int, default=1, help="active: label the most uncertain 1/POOL of the candidates (1)")
     p.add_argument("--dask", default=None, help="none | local | tcp://host:port (overrides the config)")
     p.add_argument("--restart", action="store_true", help="continue after a kill, from OUT/checkpoint.npz")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -232,6 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="active: MD steps of the loop arm (6000)")
     p.add_argument("--hosts", nargs="+", default=["engine"], choices=["engine", "openmm", "ase"],
                    help="active: hosts the loop arm runs in (engine; the random arm uses the engine's frames)")
+    p.add_argument("--pool", type=int, default=1, help="active: label the most uncertain 1/POOL of the candidates (1)")
     p.add_argument("--dask", default=None, help="active: 'local' or a scheduler address to fan out labels/training")
     p.set_defaults(func=_cmd_bench)
     return parser

@@ -107,11 +107,22 @@ def test_trigger_budget_and_deduplication(ethanol):
         frames.append(frame)
     trigger.observe(0.5, frames[0], 0.0)
     trigger.observe(0.5, frames[1], 0.0)                              # burst of 2 used up at t = 0
-    assert trigger.taken == 2 and trigger.counts["over_budget"] == 1 and trigger.ready
-    assert len(trigger.take()) == 2 and not trigger.pending
+    assert len(trigger.pending) == 2 and trigger.counts["over_budget"] == 1 and trigger.ready
+    assert len(trigger.take()) == 2 and not trigger.pending and trigger.taken == 2
     trigger.observe(0.5, frames[2], 1000.0)                           # 1 ps later: one more
     trigger.observe(0.5, frames[3], 1000.0)
-    assert trigger.taken == 3
+    assert trigger.taken + len(trigger.pending) == 3 and trigger.counts["over_budget"] == 2
+
+    # pool: label the most uncertain batch_size of batch_size × pool candidates
+    pooled = Trigger(TrustLevels(0.1, 1.0), dedup_rmsd=0.0, batch_size=2, pool=3)
+    sigmas = [0.3, 0.9, 0.2, 0.5, 0.95, 0.4]
+    for index, sigma in enumerate(sigmas):
+        frame = ethanol.copy()
+        frame.info["active_sigma"] = sigma
+        pooled.observe(sigma, frame, 0.0)
+        assert pooled.ready == (index == len(sigmas) - 1)
+    assert [f.info["active_sigma"] for f in pooled.take()] == [0.9, 0.95]
+    assert pooled.counts["not_selected"] == 4 and pooled.taken == 2 and not pooled.pending
 
 
 # ---- rollback and hooks in the internal engine --------------------------------------------------
@@ -407,6 +418,7 @@ def test_mlmd_learn_resumes_after_a_kill_without_losing_labels_or_frames(copper_
     assert labels_before.count("Lattice") >= 3
 
     config["steps"] = 120
+    config["final_finetune"] = {"epochs": 2}
     (tmp_path / "learn.yaml").write_text(yaml.safe_dump(config))
     done = subprocess.run(command + ["--restart"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
@@ -417,6 +429,8 @@ def test_mlmd_learn_resumes_after_a_kill_without_losing_labels_or_frames(copper_
     import json
     state = json.loads((out / "active" / "state.json").read_text())
     assert state["trained_labels"] == state["labels"] == labels.read_text().count("Lattice")
+    assert ",final refit," in (out / "learn.csv").read_text()               # the longer refit after MD
+    assert state["model"].endswith(f"generation_{state['generation']:03d}.pt")
     print(f"\nkilled with {labels_before.count('Lattice')} labels and "
           f"{trajectory_before.count('Lattice')} frames; after the restart {state['labels']} labels, "
           f"generation {state['generation']}, {trajectory.count('Lattice')} frames")

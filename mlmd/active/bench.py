@@ -135,7 +135,7 @@ def make_host(kind: str, atoms, model: str, temperature: float, timestep: float 
 
 def run_loop(paths: Dict, model: str, out: str, steps: int, temperature: float, sigma_lo: float, sigma_hi: float,
              batch_size: int, finetune, check_interval: int = 20, seed: int = 1, client=None,
-             progress: bool = True, host: str = "engine") -> Dict:
+             progress: bool = True, host: str = "engine", pool: int = 1) -> Dict:
     """The uncertainty-driven arm in ``host``; returns its learning curve and the frames it visited.
 
     MD advances ``check_interval`` steps at a time and the learner checks between chunks, which
@@ -156,7 +156,7 @@ def run_loop(paths: Dict, model: str, out: str, steps: int, temperature: float, 
     hook = RetrainingHook(model, "gfn2-xtb", workdir, train_data=paths["train300"], val_data=paths["val300"],
                           client=client, finetune=finetune)
     curve = [(0, force_mae(hook.potential, test))]
-    learner = ActiveLearner(hook, Trigger(TrustLevels(sigma_lo, sigma_hi), batch_size=batch_size),
+    learner = ActiveLearner(hook, Trigger(TrustLevels(sigma_lo, sigma_hi), batch_size=batch_size, pool=pool),
                             log=os.path.join(workdir, "learn.csv"), seed=seed)
     adapter, advance = make_host(host, ase.io.read(os.path.join(ETHANOL, "ethanol.xyz")), model, temperature,
                                  seed=seed)
@@ -237,77 +237,84 @@ def labels_to_reach(curve, target: float) -> float:
 def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature: float = 600.0,
                  sigma_lo: float = 0.3, sigma_hi: float = 3.0, batch_size: int = 8, epochs: int = 40,
                  final_epochs: int = 300, final_lr: float = 1e-2, dask: str = None, progress: bool = True,
-                 hosts=("engine",)) -> Dict:
-    """Both arms side by side; prints the table, writes OUT/active_bench.json and .png.
-
-    ``hosts``: the loop arm runs in the internal engine, and then in each further host named
-    (openmm, ase) from the same initial committee, each with its own labels and final refit;
-    the random arm draws from the engine's trajectory.
+                 hosts=("engine",), pool: int = 1) -> Dict:
+    """The loop in each of ``hosts`` and, with the engine, the random arm; prints the tables,
+    writes OUT/active_bench.json (engine and random) or OUT/active_hosts.json, and a PNG.
 
     In-loop retrainings are short fine-tunes (``epochs`` at the default lr) so that MD waits
-    little; the final committee of each arm is a longer refit (``final_epochs`` at ``final_lr``)
-    on the same number of labels, made once the run is over."""
+    little; the final committee of each run is a longer refit (``final_epochs`` at
+    ``final_lr``) on all its labels, made once MD is over.  Every host starts from the same
+    initial committee; the random arm draws its frames from the engine's trajectory and is
+    refitted the same way once it has as many labels as the loop."""
     from .finetune import FinetuneConfig
     from .labeling import make_client
 
+    unknown = sorted(set(hosts) - set(HOSTS))
+    if unknown or not hosts:
+        raise InputError(f"hosts: expected some of {HOSTS}, got {list(hosts)}")
     paths = prepare(out, temperature=temperature, progress=progress)
     model = calibrated_initial(paths, out)
+    test = _read(paths["test600"])
     finetune = FinetuneConfig(epochs=epochs, batch_size=8)
     final = FinetuneConfig(epochs=final_epochs, lr=final_lr, batch_size=8) if final_epochs else None
     client = make_client(dask) if dask else None
+    runs, per_host, rand = {}, {}, None
     try:
-        loop = run_loop(paths, model, out, steps, temperature, sigma_lo, sigma_hi, batch_size, finetune,
-                        client=client, progress=progress)
-        test = _read(paths["test600"])
-        loop_refit = (loop["labels"], refit_mae(loop["hook"], final, test)) if final is not None else None
-        initial_mae = loop["curve"][0][1]
-        target = loop["curve"][-1][1]
-        rand = run_random(paths, model, out, loop["visited"], batch_size, max_labels=3 * max(loop["labels"], 4),
-                          target=target, finetune=finetune, client=client, final=final, refit_at=loop["labels"])
-        per_host = {"engine": _host_summary(loop, loop_refit)}
-        for host in hosts:
+        for host in [h for h in HOSTS if h in hosts]:
+            runs[host] = run_loop(paths, model, out, steps, temperature, sigma_lo, sigma_hi, batch_size, finetune,
+                                  client=client, progress=progress, host=host, pool=pool)
+            refit = (runs[host]["labels"], refit_mae(runs[host]["hook"], final, test)) if final is not None else None
+            per_host[host] = _host_summary(runs[host], refit)
             if host == "engine":
-                continue
-            other = run_loop(paths, model, out, steps, temperature, sigma_lo, sigma_hi, batch_size, finetune,
-                             client=client, progress=progress, host=host)
-            refit = (other["labels"], refit_mae(other["hook"], final, test)) if final is not None else None
-            per_host[host] = _host_summary(other, refit)
+                loop = runs[host]
+                rand = run_random(paths, model, out, loop["visited"], batch_size,
+                                  max_labels=3 * max(loop["labels"], 4), target=loop["curve"][-1][1],
+                                  finetune=finetune, client=client, final=final, refit_at=loop["labels"])
     finally:
         if client is not None:
             client.close()
-    need_loop, need_random = labels_to_reach(loop["curve"], target), labels_to_reach(rand["curve"], target)
-    result = {"temperature_K": temperature, "steps": steps, "sigma_lo": sigma_lo, "sigma_hi": sigma_hi,
-              "batch_size": batch_size, "finetune_epochs": epochs, "initial_mae": initial_mae, "target_mae": target,
-              "loop_curve": loop["curve"], "random_curve": rand["curve"], "loop_stats": loop["stats"],
-              "loop_counts": loop["counts"], "labels_loop": need_loop, "labels_random": need_random,
-              "loop_wall_s": loop["wall_s"], "random_wall_s": rand["wall_s"],
-              "final_epochs": final_epochs, "final_lr": final_lr, "loop_refit": loop_refit,
-              "random_refit": rand["refit"], "hosts": per_host}
-    with open(os.path.join(out, "active_bench.json"), "w") as handle:
-        json.dump(result, handle, indent=1)
-    _plot(result, os.path.join(out, "active_bench.png"))
-    ratio = need_loop / need_random if need_random == need_random and need_random else float("nan")
-    print(f"ethanol, GFN2-xTB, {temperature:.0f} K, initial committee on 50 frames at 300 K: "
-          f"600 K force MAE {initial_mae:.4f} eV/Å")
-    print(f"{'arm':<22}{'labels':>8}{'retrainings':>13}{'final MAE':>12}")
-    print(f"{'uncertainty loop':<22}{loop['labels']:>8}{loop['stats']['retrainings']:>13}{loop['curve'][-1][1]:>12.4f}")
-    print(f"{'random frames':<22}{rand['labels']:>8}{len(rand['curve']) - 1:>13}{rand['curve'][-1][1]:>12.4f}")
-    print(f"labels to reach {target:.4f} eV/Å: loop {need_loop}, random {need_random} "
-          f"(loop/random = {ratio:.2f}; target <= 0.50)")
-    if loop_refit is not None:
-        line = f"final refit ({final_epochs} epochs at lr {final_lr:g}): loop {loop_refit[1]:.4f} eV/Å with " \
-               f"{loop_refit[0]} labels"
-        if rand["refit"] is not None:
-            line += f", random {rand['refit'][1]:.4f} eV/Å with {rand['refit'][0]} labels"
-        print(line)
-    print(f"\nthe loop in each host (600 K MAE of the initial committee {initial_mae:.4f} eV/Å; target: "
-          f"initial/final >= 2)")
+    initial_mae = next(iter(runs.values()))["curve"][0][1]
+    settings = {"temperature_K": temperature, "steps": steps, "sigma_lo": sigma_lo, "sigma_hi": sigma_hi,
+                "batch_size": batch_size, "finetune_epochs": epochs, "final_epochs": final_epochs,
+                "final_lr": final_lr, "initial_mae": initial_mae, "pool": pool}
+    print(f"ethanol, GFN2-xTB, {temperature:.0f} K; initial committee (50 frames at 300 K): 600 K force MAE "
+          f"{initial_mae:.4f} eV/Å")
+    result = dict(settings, hosts=per_host, curves={h: r["curve"] for h, r in runs.items()})
+    if rand is not None:
+        result.update(_compare_with_random(runs["engine"], rand, per_host["engine"]))
+        with open(os.path.join(out, "active_bench.json"), "w") as handle:
+            json.dump(result, handle, indent=1)
+        _plot(result, os.path.join(out, "active_bench.png"))
+    else:
+        with open(os.path.join(out, "active_hosts.json"), "w") as handle:
+            json.dump(result, handle, indent=1)
+    print(f"\nthe loop in each host (target: initial/final >= 2; final = the refit after MD, "
+          f"{final_epochs} epochs at lr {final_lr:g})")
     print(f"{'host':<8}{'labels':>8}{'retrainings':>13}{'rollbacks':>11}{'last in-loop MAE':>18}"
           f"{'final MAE':>11}{'initial/final':>15}")
     for host, row in per_host.items():
         print(f"{host:<8}{row['labels']:>8}{row['retrainings']:>13}{row['rollbacks']:>11}{row['in_loop_mae']:>18.4f}"
               f"{row['final_mae']:>11.4f}{initial_mae / row['final_mae']:>15.2f}")
     return result
+
+
+def _compare_with_random(loop: Dict, rand: Dict, summary: Dict) -> Dict:
+    """Labels each arm needs to reach the loop's last in-loop MAE; prints the side-by-side table."""
+    target = loop["curve"][-1][1]
+    need_loop, need_random = labels_to_reach(loop["curve"], target), labels_to_reach(rand["curve"], target)
+    ratio = need_loop / need_random if need_random == need_random and need_random else float("nan")
+    print(f"{'arm':<22}{'labels':>8}{'retrainings':>13}{'last MAE':>12}")
+    print(f"{'uncertainty loop':<22}{loop['labels']:>8}{loop['stats']['retrainings']:>13}{target:>12.4f}")
+    print(f"{'random frames':<22}{rand['labels']:>8}{len(rand['curve']) - 1:>13}{rand['curve'][-1][1]:>12.4f}")
+    print(f"labels to reach {target:.4f} eV/Å: loop {need_loop}, random {need_random} "
+          f"(loop/random = {ratio:.2f}; target <= 0.50)")
+    if rand["refit"] is not None:
+        print(f"after the final refit with {rand['refit'][0]} labels each: loop {summary['final_mae']:.4f}, "
+              f"random {rand['refit'][1]:.4f} eV/Å")
+    return {"target_mae": target, "loop_curve": loop["curve"], "random_curve": rand["curve"],
+            "loop_stats": loop["stats"], "loop_counts": loop["counts"], "labels_loop": need_loop,
+            "labels_random": need_random, "loop_wall_s": loop["wall_s"], "random_wall_s": rand["wall_s"],
+            "random_refit": rand["refit"]}
 
 
 def _host_summary(loop: Dict, refit) -> Dict:

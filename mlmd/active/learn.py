@@ -16,8 +16,11 @@ A config is a ``mlmd run`` config plus the loop's keys (paths relative to the fi
     sigma_hi: 1.5                   # eV/Å: at or above, lost (roll back)
     labels_per_ns: 2000             # budget (0: none)
     batch_size: 4                   # candidates per retraining
+    pool: 1                         # >1: the batch_size most uncertain of batch_size × pool candidates
     check_interval: 10              # steps between two looks at σ
     mode: sync                      # sync | async
+    finetune: {epochs: 30}          # each retraining (FinetuneConfig: epochs, lr 2e-3, batch_size, ...)
+    final_finetune: {epochs: 300, lr: 0.01}   # optional: one longer refit after MD, the final model
     dask: none                      # none | local | tcp://scheduler:8786
     output: runs/learn
 
@@ -50,6 +53,7 @@ class LearnConfig(RunConfig):
     labels_per_ns: float = 0.0
     burst: int = 8
     batch_size: int = 4
+    pool: int = 1                        # label the batch_size most uncertain of batch_size × pool candidates
     dedup_rmsd: float = 0.05
     check_interval: int = 10
     mode: str = "sync"
@@ -59,6 +63,7 @@ class LearnConfig(RunConfig):
     oracle_timeout: Optional[float] = None
     val_every: int = 5
     finetune: Dict[str, Any] = field(default_factory=dict)
+    final_finetune: Dict[str, Any] = field(default_factory=dict)   # {} none; else a longer refit after MD
     output: str = "runs/learn"
     checkpoint_interval: int = 100       # = trajectory_interval by default: no frame without a checkpoint
 
@@ -104,10 +109,15 @@ class LearnConfig(RunConfig):
             raise InputError(f"{source}: checkpoint_interval: must divide trajectory_interval "
                              f"({self.trajectory_interval}) so that every trajectory frame is covered by a "
                              f"checkpoint, got {self.checkpoint_interval}")
-        unknown = set(self.finetune) - set(FinetuneConfig.__dataclass_fields__)
-        if unknown:
-            raise InputError(f"{source}: finetune: unknown key(s) {sorted(unknown)}; known: "
-                             f"{sorted(FinetuneConfig.__dataclass_fields__)}")
+        for key in ("finetune", "final_finetune"):
+            unknown = set(getattr(self, key)) - set(FinetuneConfig.__dataclass_fields__)
+            if unknown:
+                raise InputError(f"{source}: {key}: unknown key(s) {sorted(unknown)}; known: "
+                                 f"{sorted(FinetuneConfig.__dataclass_fields__)}")
+            try:
+                FinetuneConfig(**getattr(self, key)).validate()
+            except InputError as exc:
+                raise InputError(f"{source}: {key}: {exc}") from None
 
 
 class LearningExtension:
@@ -133,7 +143,7 @@ class LearningExtension:
                               client=self.client, finetune=FinetuneConfig(**c.finetune), val_every=c.val_every,
                               timeout=c.oracle_timeout)
         trigger = Trigger(TrustLevels(c.sigma_lo, c.sigma_hi), labels_per_ns=c.labels_per_ns, burst=c.burst,
-                          dedup_rmsd=c.dedup_rmsd, batch_size=c.batch_size)
+                          dedup_rmsd=c.dedup_rmsd, batch_size=c.batch_size, pool=c.pool)
         self.learner = ActiveLearner(hook, trigger, mode=c.mode, rollback=c.rollback,
                                      log=os.path.join(c.output, "learn.csv"), seed=c.seed,
                                      on_swap=lambda *_: checkpoint())
@@ -162,6 +172,13 @@ class LearningExtension:
     def finish(self, sim) -> None:
         if self.learner is not None:
             self.learner.finish(self.host)
+            hook = self.learner.hook
+            if self.config.final_finetune and hook.labels:
+                # MD is over and nothing waits: one longer refit on everything labelled
+                final = FinetuneConfig(**dict(self.config.finetune, **self.config.final_finetune))
+                self.learner._event(self.host, "final refit", f"{len(hook.labels)} labels, {final.epochs} epochs "
+                                    f"at lr {final.lr:g}")
+                hook.retrain(finetune=final)
         if self.client is not None:
             self.client.close()
             self.client = None

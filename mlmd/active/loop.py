@@ -171,7 +171,7 @@ class ActiveLearner:
                 self._swap(host, new_model, "retrained")
             return
         if self._future is not None:        # one retraining at a time: keep these for the next
-            self.trigger.pending[:0] = batch
+            self.trigger.give_back(batch)
             return
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlmd-learn")

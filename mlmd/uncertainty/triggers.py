@@ -72,7 +72,10 @@ class Trigger:
                     ``burst`` at any time (the first batch needs no waiting); 0: no limit
     dedup_rmsd      Å: a candidate closer than this (:func:`frame_distance`) to one already
                     taken is dropped
-    batch_size      candidates that make a batch ready for the hook
+    batch_size      candidates handed to the hook per batch
+    pool            a batch is ready when ``batch_size × pool`` candidates are pending; the
+                    ``batch_size`` with the highest σ (``frame.info["active_sigma"]``) go to the
+                    hook and the others are dropped (1: every accepted candidate is labelled)
     """
 
     levels: TrustLevels
@@ -80,17 +83,20 @@ class Trigger:
     burst: int = 8
     dedup_rmsd: float = 0.05
     batch_size: int = 4
-    taken: int = 0                                     # candidates accepted so far (the budget's count)
+    pool: int = 1
+    taken: int = 0                                     # candidates handed to the hook (the budget's count)
     pending: List[Any] = field(default_factory=list)   # accepted, not yet handed to the hook
     recent: Deque[Any] = field(default_factory=lambda: deque(maxlen=64))
     counts: dict = field(default_factory=lambda: {TRUSTED: 0, CANDIDATE: 0, LOST: 0, "duplicate": 0,
-                                                  "over_budget": 0})
+                                                  "over_budget": 0, "not_selected": 0})
 
     def __post_init__(self):
         if self.labels_per_ns < 0:
             raise InputError(f"labels_per_ns: must be >= 0 (0: no limit), got {self.labels_per_ns}")
         if self.batch_size < 1:
             raise InputError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if not isinstance(self.pool, int) or self.pool < 1:
+            raise InputError(f"pool: must be a whole number >= 1, got {self.pool!r}")
         if self.dedup_rmsd < 0:
             raise InputError(f"dedup_rmsd: must be >= 0 Å, got {self.dedup_rmsd}")
 
@@ -109,7 +115,7 @@ class Trigger:
         return kind
 
     def offer(self, frame, time_fs: float) -> bool:
-        if self.taken >= self.allowance(time_fs):
+        if self.taken + len(self.pending) / self.pool >= self.allowance(time_fs):
             self.counts["over_budget"] += 1
             return False
         if self.dedup_rmsd > 0 and any(frame_distance(frame, other) < self.dedup_rmsd
@@ -117,18 +123,28 @@ class Trigger:
             self.counts["duplicate"] += 1
             return False
         self.pending.append(frame)
-        self.taken += 1
         return True
 
     @property
     def ready(self) -> bool:
-        return len(self.pending) >= self.batch_size
+        return len(self.pending) >= self.batch_size * self.pool
 
     def take(self) -> List[Any]:
-        """Hand the pending candidates over (to the hook); they stay known for de-duplication."""
+        """Hand the pending candidates over (to the hook), the ``batch_size`` most uncertain when
+        ``pool`` > 1; they stay known for de-duplication."""
         batch, self.pending = self.pending, []
+        if self.pool > 1 and len(batch) > self.batch_size:
+            order = sorted(range(len(batch)), key=lambda i: -float(batch[i].info.get("active_sigma", 0.0)))
+            self.counts["not_selected"] += len(batch) - self.batch_size
+            batch = [batch[i] for i in sorted(order[:self.batch_size])]
+        self.taken += len(batch)
         self.recent.extend(batch)
         return batch
+
+    def give_back(self, batch: List[Any]) -> None:
+        """Return a batch the hook could not take yet (it is busy) to the front of the queue."""
+        self.pending[:0] = batch
+        self.taken -= len(batch)
 
     def state_dict(self) -> dict:
         return {"taken": self.taken, "counts": dict(self.counts)}
