@@ -69,6 +69,14 @@ def test_openmm_oracle_matches_openmm_and_rejects_a_wrong_frame(water_pdb):
     atoms.calc = oracle
     assert atoms.get_potential_energy() == pytest.approx(direct * units.KJ_PER_MOL_TO_EV, rel=1e-9)
 
+    shifted = atoms.copy()                                  # molecules split across the box edge
+    shifted.positions += [4.0, 3.0, 2.0]
+    shifted.wrap()
+    shifted.calc = oracle
+    # equal up to the PME grid's alignment (error tolerance 1e-5); a split molecule would be off by eV
+    assert shifted.get_potential_energy() == pytest.approx(atoms.get_potential_energy(), abs=1e-4)
+    np.testing.assert_allclose(shifted.get_forces(), atoms.get_forces(), atol=1e-3)
+
     spec = {"openmm": {"topology": water_pdb}}
     wrong = atoms[:-3]                                      # one water short: skipped, never raised
     labels = label_frames([atoms, wrong], spec)

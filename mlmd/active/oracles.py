@@ -102,6 +102,13 @@ class OpenMMForceField(Calculator):
         except Exception as exc:
             raise InputError(f"oracle.openmm: the force field {self.forcefield_files} does not cover "
                              f"{self.topology_path} ({exc})") from None
+        if periodic:
+            # bonded terms use the minimum image too, so a molecule split by wrapping is whole
+            for force in system.getForces():
+                if isinstance(force, openmm.NonbondedForce):
+                    force.setExceptionsUsePeriodicBoundaryConditions(True)
+                elif hasattr(force, "setUsesPeriodicBoundaryConditions"):
+                    force.setUsesPeriodicBoundaryConditions(True)
         platform = openmm.Platform.getPlatformByName(self.platform_name)
         self._context = openmm.Context(system, openmm.VerletIntegrator(0.001), platform)
         self._numbers = np.array([a.element.atomic_number for a in topology.atoms()])
