@@ -108,11 +108,14 @@ def make_host(kind: str, atoms, model: str, temperature: float, timestep: float 
         from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
         from mlmd.plugins.ase import MLMDCalculator
 
+        from ase.constraints import FixCom
+
         atoms = atoms.copy()
         atoms.calc = MLMDCalculator(model)
         MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+        atoms.set_constraint(FixCom())      # ASE's advice over Langevin(fixcm=True) for small systems
         dyn = Langevin(atoms, timestep * units.fs, temperature_K=temperature, friction=friction / (1000 * units.fs),
-                       rng=np.random.default_rng(seed + 1))
+                       fixcm=False, rng=np.random.default_rng(seed + 1))
         return ASEHost(dyn), dyn.run
     if kind == "openmm":
         import openmm

@@ -179,6 +179,7 @@ class LearningExtension:
                 self.learner._event(self.host, "final refit", f"{len(hook.labels)} labels, {final.epochs} epochs "
                                     f"at lr {final.lr:g}")
                 hook.retrain(finetune=final)
+                self.learner.close()
         if self.client is not None:
             self.client.close()
             self.client = None

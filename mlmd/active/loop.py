@@ -117,6 +117,7 @@ class ActiveLearner:
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None
+            self._writer = None         # a later event reopens the log in append mode
 
     def finish(self, host) -> None:
         """Swap in a model still being trained (async) and close."""
