@@ -249,6 +249,28 @@ def test_model_file_rebuilds_into_a_trainable_committee(copper_frames, tmp_path)
     assert after < 1.25 * before
 
 
+def test_set_calibration_rescales_sigma_without_rescripting(copper_frames, tmp_path):
+    import shutil
+
+    import mlmd
+    from mlmd.errors import InputError
+    from mlmd.potential import set_calibration
+
+    path = tmp_path / "copy.pt"
+    shutil.copy(COPPER, path)
+    before = mlmd.load(path)
+    frame = copper_frames[300]
+    sigma = float(before.compute_atoms(frame)["uncertainty"])
+    factor = 2.5 / before.metadata["calibration_factor"]
+    set_calibration(path, 2.5)
+    after = mlmd.load(path)
+    assert after.metadata["calibration_factor"] == 2.5
+    assert float(after.compute_atoms(frame)["uncertainty"]) == pytest.approx(sigma * factor, rel=1e-6)
+    np.testing.assert_array_equal(after.compute_atoms(frame)["forces"], before.compute_atoms(frame)["forces"])
+    with pytest.raises(InputError, match="factor"):
+        set_calibration(path, float("nan"))
+
+
 def _hook(tmp_path, copper_frames, name):
     from mlmd.active import FinetuneConfig, RetrainingHook
     return RetrainingHook(COPPER, "emt", str(tmp_path / name), train_data=copper_frames[:8],
