@@ -60,6 +60,7 @@ def time_to_failure(model: str, structure, seed: int, picoseconds: float, temper
     """
     import mlmd
     from .hosts import EngineHost
+    from .loop import ModelLostError
 
     pairs, reference = covalent_bonds(structure)
     sim = mlmd.Simulation(structure.copy(), model, integrator="langevin", timestep=timestep,
@@ -83,11 +84,7 @@ def time_to_failure(model: str, structure, seed: int, picoseconds: float, temper
     failed = False
     try:
         sim.run(steps, progress=progress)
-    except _Failed:
-        failed = True
-    except Exception as exc:      # ModelLostError: the loop gave up, which is a failure as well
-        if learner is None or type(exc).__name__ != "ModelLostError":
-            raise
+    except (_Failed, ModelLostError):      # a broken bond, or the loop gave up: both are failures
         failed = True
     stats = {}
     if learner is not None:
