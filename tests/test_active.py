@@ -228,7 +228,7 @@ def test_dask_and_in_process_give_the_same_labels(copper_frames):
 def test_model_file_rebuilds_into_a_trainable_committee(copper_frames, tmp_path):
     import mlmd
     from mlmd.active import FinetuneConfig, finetune_committee, trainable_from_potential
-    from mlmd.active.bench import force_mae
+    from mlmd.uncertainty import force_mae
     from mlmd.potential import export
 
     pot = mlmd.load(COPPER)

@@ -21,6 +21,7 @@ import numpy as np
 
 from .. import keys
 from ..errors import InputError
+from ..uncertainty import force_mae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ETHANOL = os.path.join(ROOT, "systems", "ethanol")
@@ -62,12 +63,6 @@ def prepare(out: str, n_train: int = 50, n_val: int = 10, n_test300: int = 100, 
                              hyperparameters=hp, progress=progress)
         train(config)
     return paths
-
-
-def force_mae(potential, frames) -> float:
-    errors = [np.abs(potential.compute_atoms(a)[keys.FORCES] - a.calc.results[keys.DATA_FORCES]).mean()
-              for a in frames]
-    return float(np.mean(errors))
 
 
 def calibrated_initial(paths: Dict, out: str) -> str:
@@ -179,7 +174,7 @@ def run_loop(paths: Dict, model: str, out: str, steps: int, temperature: float, 
     ase.io.write(os.path.join(workdir, "visited.extxyz"), visited, format="extxyz")
     return {"curve": curve, "visited": visited, "hook": hook, "stats": dict(learner.stats),
             "counts": dict(learner.trigger.counts), "labels": len(hook.labels),
-            "wall_s": time.perf_counter() - start, "final_model": hook.potential.path}
+            "wall_s": time.perf_counter() - start}
 
 
 def refit_mae(hook, final, test) -> float:
@@ -249,6 +244,7 @@ def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature:
     ``final_lr``) on all its labels, made once MD is over.  Every host starts from the same
     initial committee; the random arm draws its frames from the engine's trajectory and is
     refitted the same way once it has as many labels as the loop."""
+    from ..models.data import read_dataset
     from .finetune import FinetuneConfig
     from .labeling import make_client
 
@@ -257,7 +253,7 @@ def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature:
         raise InputError(f"hosts: expected some of {HOSTS}, got {list(hosts)}")
     paths = prepare(out, temperature=temperature, progress=progress)
     model = calibrated_initial(paths, out)
-    test = _read(paths["test600"])
+    test = read_dataset(paths["test600"])
     finetune = FinetuneConfig(epochs=epochs, batch_size=8)
     final = FinetuneConfig(epochs=final_epochs, lr=final_lr, batch_size=8) if final_epochs else None
     client = make_client(dask) if dask else None
@@ -324,11 +320,6 @@ def _host_summary(loop: Dict, refit) -> Dict:
     return {"labels": loop["labels"], "retrainings": loop["stats"].get("retrainings", 0),
             "rollbacks": loop["stats"].get("rollbacks", 0), "in_loop_mae": loop["curve"][-1][1],
             "final_mae": refit[1] if refit is not None else loop["curve"][-1][1], "wall_s": loop["wall_s"]}
-
-
-def _read(path):
-    from ..models.data import read_dataset
-    return read_dataset(path)
 
 
 def _plot(result: Dict, path: str) -> None:

@@ -80,6 +80,13 @@ class Calibration:
         return {k: v for k, v in asdict(self).items() if not isinstance(v, list)}
 
 
+def force_mae(potential, frames: Sequence) -> float:
+    """Committee-mean force MAE (eV/Å) of ``potential`` on labelled ``frames``, averaged per frame."""
+    errors = [np.abs(potential.compute_atoms(a)[keys.FORCES] - a.calc.results[keys.DATA_FORCES]).mean()
+              for a in frames]
+    return float(np.mean(errors))
+
+
 def committee_errors(potential, frames: Sequence) -> Dict[str, np.ndarray]:
     """Raw per-atom σ and force errors of ``potential`` (an mlmd.Potential with a committee)
     on labelled ``frames``: arrays sigma [A], error [A] (|ΔF_i|, eV/Å), component errors
