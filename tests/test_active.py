@@ -87,7 +87,8 @@ def test_scores_and_trust_levels():
 def test_trigger_budget_and_deduplication(ethanol):
     from scipy.spatial.transform import Rotation
 
-    from mlmd.uncertainty import Trigger, TrustLevels, frame_distance
+    from mlmd.errors import InputError
+    from mlmd.uncertainty import Trigger, TrustLevels, farthest_points, frame_distance
 
     moved = ethanol.copy()
     moved.positions = Rotation.from_euler("xyz", [30, 50, 10], degrees=True).apply(ethanol.positions) + 4.0
@@ -123,6 +124,32 @@ def test_trigger_budget_and_deduplication(ethanol):
         assert pooled.ready == (index == len(sigmas) - 1)
     assert [f.info["active_sigma"] for f in pooled.take()] == [0.9, 0.95]
     assert pooled.counts["not_selected"] == 4 and pooled.taken == 2 and not pooled.pending
+
+    # select="diverse": the most uncertain, then the farthest from it and from earlier labels,
+    # where "sigma" would take a near-copy of the first
+    base, far, earlier = ethanol.copy(), ethanol.copy(), ethanol.copy()
+    far.rattle(0.3, seed=1)
+    earlier.rattle(0.3, seed=2)
+    pool = []
+    for sigma, source, shift in ((0.9, base, 0.0), (0.8, base, 0.01), (0.3, far, 0.0), (0.7, earlier, 0.01)):
+        frame = source.copy()
+        frame.positions[0, 0] += shift
+        frame.info["active_sigma"] = sigma
+        pool.append(frame)
+    assert farthest_points(pool, 2) == [0, 2] or farthest_points(pool, 2) == [0, 3]
+    assert farthest_points(pool, 2, taken=[earlier]) == [0, 2]
+    assert sorted(farthest_points(pool, 3)) == [0, 2, 3]
+    diverse = Trigger(TrustLevels(0.1, 1.0), dedup_rmsd=0.0, batch_size=2, pool=2, select="diverse")
+    diverse.recent.append(earlier)
+    for frame in pool:
+        diverse.observe(frame.info["active_sigma"], frame, 0.0)
+    assert [f.info["active_sigma"] for f in diverse.take()] == [0.9, 0.3]
+    by_sigma = Trigger(TrustLevels(0.1, 1.0), dedup_rmsd=0.0, batch_size=2, pool=2)
+    for frame in pool:
+        by_sigma.observe(frame.info["active_sigma"], frame, 0.0)
+    assert [f.info["active_sigma"] for f in by_sigma.take()] == [0.9, 0.8]
+    with pytest.raises(InputError, match="select"):
+        Trigger(TrustLevels(0.1, 1.0), select="random")
 
 
 # ---- rollback and hooks in the internal engine --------------------------------------------------

@@ -16,7 +16,8 @@ A config is a ``mlmd run`` config plus the loop's keys (paths relative to the fi
     sigma_hi: 1.5                   # eV/Å: at or above, lost (roll back)
     labels_per_ns: 2000             # budget (0: none)
     batch_size: 4                   # candidates per retraining
-    pool: 1                         # >1: the batch_size most uncertain of batch_size × pool candidates
+    pool: 1                         # >1: label batch_size of every batch_size × pool candidates,
+    select: sigma                   #     the most uncertain (sigma) or far apart (diverse)
     check_interval: 10              # steps between two looks at σ
     mode: sync                      # sync | async
     finetune: {epochs: 30}          # each retraining (FinetuneConfig: epochs, lr 2e-3, batch_size, ...)
@@ -53,7 +54,8 @@ class LearnConfig(RunConfig):
     labels_per_ns: float = 0.0
     burst: int = 8
     batch_size: int = 4
-    pool: int = 1                        # label the batch_size most uncertain of batch_size × pool candidates
+    pool: int = 1                        # label batch_size of every batch_size × pool candidates
+    select: str = "sigma"                # ... the most uncertain ("sigma") or far apart ("diverse")
     dedup_rmsd: float = 0.05
     check_interval: int = 10
     mode: str = "sync"
@@ -143,7 +145,8 @@ class LearningExtension:
                               client=self.client, finetune=FinetuneConfig(**c.finetune), val_every=c.val_every,
                               timeout=c.oracle_timeout)
         trigger = Trigger(TrustLevels(c.sigma_lo, c.sigma_hi), labels_per_ns=c.labels_per_ns, burst=c.burst,
-                          dedup_rmsd=c.dedup_rmsd, batch_size=c.batch_size, pool=c.pool)
+                          dedup_rmsd=c.dedup_rmsd, batch_size=c.batch_size, pool=c.pool,
+                          select=c.select)
         self.learner = ActiveLearner(hook, trigger, mode=c.mode, rollback=c.rollback,
                                      log=os.path.join(c.output, "learn.csv"), seed=c.seed,
                                      on_swap=lambda *_: checkpoint())

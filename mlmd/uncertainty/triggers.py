@@ -63,6 +63,38 @@ def frame_distance(a, b) -> float:
     return float(np.sqrt(((cb @ rotation - ca) ** 2).sum(axis=1).mean()))
 
 
+SELECTIONS = ("sigma", "diverse")
+
+
+def _sigma(frame) -> float:
+    return float(frame.info.get("active_sigma", 0.0))
+
+
+def farthest_points(frames: List[Any], count: int, taken: List[Any] = ()) -> List[int]:
+    """Indices of ``count`` of ``frames`` chosen by greedy farthest-point sampling on
+    :func:`frame_distance`: the first is the most uncertain (``info["active_sigma"]``), each next
+    one the farthest from those chosen and from the frames ``taken`` before (ties: the higher σ)."""
+    if count >= len(frames):
+        return list(range(len(frames)))
+    sigma = np.array([_sigma(frame) for frame in frames])
+
+    def distances(anchor) -> np.ndarray:
+        return np.array([frame_distance(anchor, frame) for frame in frames])
+
+    nearest = np.full(len(frames), np.inf)
+    for other in taken:
+        nearest = np.minimum(nearest, distances(other))
+    chosen = [int(np.argmax(sigma))]
+    nearest = np.minimum(nearest, distances(frames[chosen[0]]))
+    while len(chosen) < count:
+        score = nearest.copy()
+        score[chosen] = -np.inf
+        best = np.flatnonzero(score == score.max())
+        chosen.append(int(best[np.argmax(sigma[best])]))
+        nearest = np.minimum(nearest, distances(frames[chosen[-1]]))
+    return chosen
+
+
 @dataclass
 class Trigger:
     """Collects candidate frames for labelling.
@@ -73,9 +105,13 @@ class Trigger:
     dedup_rmsd      Å: a candidate closer than this (:func:`frame_distance`) to one already
                     taken is dropped
     batch_size      candidates handed to the hook per batch
-    pool            a batch is ready when ``batch_size × pool`` candidates are pending; the
-                    ``batch_size`` with the highest σ (``frame.info["active_sigma"]``) go to the
-                    hook and the others are dropped (1: every accepted candidate is labelled)
+    pool            a batch is ready when ``batch_size × pool`` candidates are pending; ``batch_size``
+                    of them go to the hook and the others are dropped (1: every accepted candidate
+                    is labelled)
+    select          how they are chosen from the pool: "sigma", the highest σ
+                    (``frame.info["active_sigma"]``); "diverse", farthest-point sampling by
+                    :func:`frame_distance`, from the most uncertain one, away from each other and
+                    from the frames already taken, so one excursion does not fill a whole batch
     """
 
     levels: TrustLevels
@@ -84,6 +120,7 @@ class Trigger:
     dedup_rmsd: float = 0.05
     batch_size: int = 4
     pool: int = 1
+    select: str = "sigma"
     taken: int = 0                                     # candidates handed to the hook (the budget's count)
     pending: List[Any] = field(default_factory=list)   # accepted, not yet handed to the hook
     recent: Deque[Any] = field(default_factory=lambda: deque(maxlen=64))
@@ -97,6 +134,8 @@ class Trigger:
             raise InputError(f"batch_size: must be >= 1, got {self.batch_size}")
         if not isinstance(self.pool, int) or self.pool < 1:
             raise InputError(f"pool: must be a whole number >= 1, got {self.pool!r}")
+        if self.select not in SELECTIONS:
+            raise InputError(f"select: expected one of {SELECTIONS}, got {self.select!r}")
         if self.dedup_rmsd < 0:
             raise InputError(f"dedup_rmsd: must be >= 0 Å, got {self.dedup_rmsd}")
 
@@ -134,9 +173,12 @@ class Trigger:
         ``pool`` > 1; they stay known for de-duplication."""
         batch, self.pending = self.pending, []
         if self.pool > 1 and len(batch) > self.batch_size:
-            order = sorted(range(len(batch)), key=lambda i: -float(batch[i].info.get("active_sigma", 0.0)))
+            if self.select == "diverse":
+                chosen = farthest_points(batch, self.batch_size, list(self.recent))
+            else:
+                chosen = np.argsort([-_sigma(frame) for frame in batch], kind="stable")[:self.batch_size]
             self.counts["not_selected"] += len(batch) - self.batch_size
-            batch = [batch[i] for i in sorted(order[:self.batch_size])]
+            batch = [batch[i] for i in sorted(chosen)]
         self.taken += len(batch)
         self.recent.extend(batch)
         return batch
