@@ -137,11 +137,11 @@ def _cmd_bench(args) -> int:
     elif args.name == "active":
         from .active.bench import bench_active
         bench_active(out=args.out or os.path.join("runs", "bench_active"), steps=args.steps or 6000,
-                     dask=args.dask, hosts=args.hosts, pool=args.pool)
+                     dask=args.dask, hosts=args.hosts, pool=args.pool, select=args.select)
     elif args.name == "stability":
         from .active.stability import bench_stability
         bench_stability(out=args.out or os.path.join("runs", "bench_stability"), seeds=args.seeds,
-                        picoseconds=args.ps)
+                        picoseconds=args.ps, n_train=args.initial_frames, labels_per_ns=args.labels_per_ns)
     return 0
 
 
@@ -207,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hosts", nargs="+", default=["engine"], choices=["engine", "openmm", "ase"],
                    help="active: hosts the loop arm runs in (engine; the random arm uses the engine's frames)")
     p.add_argument("--pool", type=int, default=1, help="active: label the most uncertain 1/POOL of the candidates (1)")
+    p.add_argument("--select", default="sigma", choices=["sigma", "diverse"],
+                   help="active: with --pool, label the most uncertain (sigma) or far-apart (diverse) candidates")
     p.add_argument("--dask", default=None, help="none | local | tcp://host:port (overrides the config)")
     p.add_argument("--restart", action="store_true", help="continue after a kill, from OUT/checkpoint.npz")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -230,10 +232,16 @@ def build_parser() -> argparse.ArgumentParser:
                    "(runs/bench_active, runs/bench_stability)")
     p.add_argument("--seeds", type=int, default=5, help="stability: MD runs per arm (5)")
     p.add_argument("--ps", type=float, default=20.0, help="stability: picoseconds per run (20)")
+    p.add_argument("--initial-frames", type=int, default=5,
+                   help="stability: 300 K frames the initial committee is trained on (5)")
+    p.add_argument("--labels-per-ns", type=float, default=4000.0,
+                   help="stability: the loop's label budget per ns of MD (4000)")
     p.add_argument("--steps", type=int, default=None, help="active: MD steps of the loop arm (6000)")
     p.add_argument("--hosts", nargs="+", default=["engine"], choices=["engine", "openmm", "ase"],
                    help="active: hosts the loop arm runs in (engine; the random arm uses the engine's frames)")
     p.add_argument("--pool", type=int, default=1, help="active: label the most uncertain 1/POOL of the candidates (1)")
+    p.add_argument("--select", default="sigma", choices=["sigma", "diverse"],
+                   help="active: with --pool, label the most uncertain (sigma) or far-apart (diverse) candidates")
     p.add_argument("--dask", default=None, help="active: 'local' or a scheduler address to fan out labels/training")
     p.set_defaults(func=_cmd_bench)
     return parser

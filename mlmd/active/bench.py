@@ -33,7 +33,6 @@ def prepare(out: str, n_train: int = 50, n_val: int = 10, n_test300: int = 100, 
     import ase.io
 
     from ..models.data import read_dataset, sample_md
-    from ..models.train import TrainConfig, train
 
     os.makedirs(out, exist_ok=True)
     paths = {name: os.path.join(out, f"{name}.extxyz") for name in ("train300", "val300", "test300")}
@@ -53,31 +52,53 @@ def prepare(out: str, n_train: int = 50, n_val: int = 10, n_test300: int = 100, 
         sample_md(start, "gfn2-xtb", tmp, frames=test_frames, temperature=temperature, interval=40,
                   equilibration=1000, seed=11, progress=progress)
         os.replace(tmp, paths["test600"])
-    if not os.path.isfile(paths["initial"]):
-        both = os.path.join(out, "initial", "data.extxyz")
-        os.makedirs(os.path.dirname(both), exist_ok=True)
-        ase.io.write(both, read_dataset(paths["train300"]) + read_dataset(paths["val300"]), format="extxyz")
-        hp = dict(hyperparameters or {"channels": 16, "layers": 2, "grid": 12})
-        config = TrainConfig(data=both, out=os.path.dirname(paths["initial"]), committee=4, epochs=epochs,
-                             n_train=n_train, n_val=n_val, n_test=0, warmup_epochs=10, patience=epochs,
-                             hyperparameters=hp, progress=progress)
-        train(config)
+    paths["initial"] = train_initial(paths, os.path.join(out, "initial"), n_train, epochs=epochs,
+                                     hyperparameters=hyperparameters, progress=progress)
     return paths
 
 
-def calibrated_initial(paths: Dict, out: str) -> str:
-    """The initial committee with its σ calibrated on the 300 K validation frames (so that the
-    trust levels mean the same before and after the first retraining)."""
+def train_initial(paths: Dict, folder: str, n_train: int, epochs: int = 300, hyperparameters=None,
+                  progress: bool = True) -> str:
+    """A committee of 4 trained on the first ``n_train`` frames of ``paths["train300"]`` (validated on
+    ``paths["val300"]``), cached in ``folder``; returns its model path.  Its training frames are
+    ``folder/train.extxyz``, which is what a loop that starts from it fine-tunes on."""
+    import ase.io
+
+    from ..models.data import read_dataset
+    from ..models.train import TrainConfig, train
+
+    model = os.path.join(folder, "model.pt")
+    if os.path.isfile(model):
+        return model
+    train_frames = read_dataset(paths["train300"])
+    if not 1 <= n_train <= len(train_frames):
+        raise InputError(f"n_train: the initial committee needs 1 to {len(train_frames)} training frames, "
+                         f"got {n_train}")
+    val_frames = read_dataset(paths["val300"])
+    os.makedirs(folder, exist_ok=True)
+    ase.io.write(os.path.join(folder, "train.extxyz"), train_frames[:n_train], format="extxyz")
+    both = os.path.join(folder, "data.extxyz")
+    ase.io.write(both, train_frames[:n_train] + val_frames, format="extxyz")
+    hp = dict(hyperparameters or {"channels": 16, "layers": 2, "grid": 12})
+    config = TrainConfig(data=both, out=folder, committee=4, epochs=epochs, n_train=n_train, n_val=len(val_frames),
+                         n_test=0, warmup_epochs=10, patience=epochs, hyperparameters=hp, progress=progress)
+    train(config)
+    return model
+
+
+def calibrated_initial(model_path: str, val_path: str) -> str:
+    """The committee at ``model_path`` with its σ calibrated on the frames of ``val_path`` (so that
+    the trust levels mean the same before and after the first retraining); cached next to it."""
     import mlmd
     from ..models.data import read_dataset
     from ..potential import export
     from ..uncertainty import calibrate
     from .finetune import trainable_from_potential
 
-    path = os.path.join(out, "initial", "calibrated.pt")
+    path = os.path.join(os.path.dirname(model_path), "calibrated.pt")
     if not os.path.isfile(path):
-        pot = mlmd.load(paths["initial"])
-        factor = calibrate(pot, read_dataset(paths["val300"])).factor
+        pot = mlmd.load(model_path)
+        factor = calibrate(pot, read_dataset(val_path)).factor
         model, _ = trainable_from_potential(pot)
         export(model, path, dict(pot.metadata), dtype=pot.metadata[keys.META_DTYPE], calibration_factor=factor)
     return path
@@ -133,7 +154,7 @@ def make_host(kind: str, atoms, model: str, temperature: float, timestep: float 
 
 def run_loop(paths: Dict, model: str, out: str, steps: int, temperature: float, sigma_lo: float, sigma_hi: float,
              batch_size: int, finetune, check_interval: int = 20, seed: int = 1, client=None,
-             progress: bool = True, host: str = "engine", pool: int = 1) -> Dict:
+             progress: bool = True, host: str = "engine", pool: int = 1, select: str = "sigma") -> Dict:
     """The uncertainty-driven arm in ``host``; returns its learning curve and the frames it visited.
 
     MD advances ``check_interval`` steps at a time and the learner checks between chunks, which
@@ -154,8 +175,8 @@ def run_loop(paths: Dict, model: str, out: str, steps: int, temperature: float, 
     hook = RetrainingHook(model, "gfn2-xtb", workdir, train_data=paths["train300"], val_data=paths["val300"],
                           client=client, finetune=finetune)
     curve = [(0, force_mae(hook.potential, test))]
-    learner = ActiveLearner(hook, Trigger(TrustLevels(sigma_lo, sigma_hi), batch_size=batch_size, pool=pool),
-                            log=os.path.join(workdir, "learn.csv"), seed=seed)
+    trigger = Trigger(TrustLevels(sigma_lo, sigma_hi), batch_size=batch_size, pool=pool, select=select)
+    learner = ActiveLearner(hook, trigger, log=os.path.join(workdir, "learn.csv"), seed=seed)
     adapter, advance = make_host(host, ase.io.read(os.path.join(ETHANOL, "ethanol.xyz")), model, temperature,
                                  seed=seed)
     visited = []
@@ -195,9 +216,11 @@ def refit_mae(hook, final, test) -> float:
 
 
 def run_random(paths: Dict, model: str, out: str, frames: List, batch_size: int, max_labels: int, target: float,
-               finetune, seed: int = 0, client=None, final=None, refit_at: int = 0) -> Dict:
+               finetune, seed: int = 0, client=None, final=None, refit_at=()) -> Dict:
     """The random arm: batches of frames drawn at random from ``frames``, same hook, same settings;
-    with ``final``, also the MAE after the final refit once ``refit_at`` labels are in."""
+    with ``final``, also the MAE after a refit (as the loop's final one) at each label count of
+    ``refit_at``.  Stops at ``max_labels``, or once the in-loop MAE reaches ``target`` and every
+    refit is made."""
     import shutil
 
     from ..models.data import read_dataset
@@ -210,7 +233,7 @@ def run_random(paths: Dict, model: str, out: str, frames: List, batch_size: int,
                           client=client, finetune=finetune)
     order = np.random.default_rng(seed).permutation(len(frames))
     curve = [(0, force_mae(hook.potential, test))]
-    refit = None
+    refits = []
     start = time.perf_counter()
     for lo in range(0, min(max_labels, len(order)), batch_size):
         batch = [frames[i].copy() for i in order[lo:lo + batch_size]]
@@ -218,11 +241,12 @@ def run_random(paths: Dict, model: str, out: str, frames: List, batch_size: int,
             atoms.info["active_host"] = "random"
         if hook.on_candidates(batch) is not None:
             curve.append((len(hook.labels), force_mae(hook.potential, test)))
-        if final is not None and refit is None and len(hook.labels) >= refit_at:
-            refit = (len(hook.labels), refit_mae(hook, final, test))
-        if curve[-1][1] <= target and (final is None or refit is not None):
+        due = [count for count in refit_at if count <= len(hook.labels)]
+        if final is not None and len(due) > len(refits):
+            refits.append((len(hook.labels), refit_mae(hook, final, test)))
+        if curve[-1][1] <= target and (final is None or len(refits) == len(refit_at)):
             break
-    return {"curve": curve, "labels": len(hook.labels), "wall_s": time.perf_counter() - start, "refit": refit}
+    return {"curve": curve, "labels": len(hook.labels), "wall_s": time.perf_counter() - start, "refits": refits}
 
 
 def labels_to_reach(curve, target: float) -> float:
@@ -235,7 +259,7 @@ def labels_to_reach(curve, target: float) -> float:
 def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature: float = 600.0,
                  sigma_lo: float = 0.3, sigma_hi: float = 3.0, batch_size: int = 8, epochs: int = 40,
                  final_epochs: int = 300, final_lr: float = 1e-2, dask: str = None, progress: bool = True,
-                 hosts=("engine",), pool: int = 1) -> Dict:
+                 hosts=("engine",), pool: int = 1, select: str = "sigma") -> Dict:
     """The loop in each of ``hosts`` and, with the engine, the random arm; prints the tables,
     writes OUT/active_bench.json (engine and random) or OUT/active_hosts.json, and a PNG.
 
@@ -243,7 +267,9 @@ def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature:
     little; the final committee of each run is a longer refit (``final_epochs`` at
     ``final_lr``) on all its labels, made once MD is over.  Every host starts from the same
     initial committee; the random arm draws its frames from the engine's trajectory and is
-    refitted the same way once it has as many labels as the loop."""
+    refitted the same way once it has 1, 1.5 and 2 times as many labels as the loop, which
+    compares the arms with converged training as well (the in-loop curves track how many
+    short fine-tunes were made about as much as which frames were labelled)."""
     from ..models.data import read_dataset
     from .finetune import FinetuneConfig
     from .labeling import make_client
@@ -252,7 +278,7 @@ def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature:
     if unknown or not hosts:
         raise InputError(f"hosts: expected some of {HOSTS}, got {list(hosts)}")
     paths = prepare(out, temperature=temperature, progress=progress)
-    model = calibrated_initial(paths, out)
+    model = calibrated_initial(paths["initial"], paths["val300"])
     test = read_dataset(paths["test600"])
     finetune = FinetuneConfig(epochs=epochs, batch_size=8)
     final = FinetuneConfig(epochs=final_epochs, lr=final_lr, batch_size=8) if final_epochs else None
@@ -261,21 +287,23 @@ def bench_active(out: str = "runs/bench_active", steps: int = 6000, temperature:
     try:
         for host in [h for h in HOSTS if h in hosts]:
             runs[host] = run_loop(paths, model, out, steps, temperature, sigma_lo, sigma_hi, batch_size, finetune,
-                                  client=client, progress=progress, host=host, pool=pool)
+                                  client=client, progress=progress, host=host, pool=pool, select=select)
             refit = (runs[host]["labels"], refit_mae(runs[host]["hook"], final, test)) if final is not None else None
             per_host[host] = _host_summary(runs[host], refit)
             if host == "engine":
                 loop = runs[host]
+                labels = max(loop["labels"], batch_size)
+                schedule = [labels, batch_size * -(-3 * labels // (2 * batch_size)), 2 * labels]
                 rand = run_random(paths, model, out, loop["visited"], batch_size,
-                                  max_labels=3 * max(loop["labels"], 4), target=loop["curve"][-1][1],
-                                  finetune=finetune, client=client, final=final, refit_at=loop["labels"])
+                                  max_labels=3 * labels, target=loop["curve"][-1][1],
+                                  finetune=finetune, client=client, final=final, refit_at=schedule)
     finally:
         if client is not None:
             client.close()
     initial_mae = next(iter(runs.values()))["curve"][0][1]
     settings = {"temperature_K": temperature, "steps": steps, "sigma_lo": sigma_lo, "sigma_hi": sigma_hi,
                 "batch_size": batch_size, "finetune_epochs": epochs, "final_epochs": final_epochs,
-                "final_lr": final_lr, "initial_mae": initial_mae, "pool": pool}
+                "final_lr": final_lr, "initial_mae": initial_mae, "pool": pool, "select": select}
     print(f"ethanol, GFN2-xTB, {temperature:.0f} K; initial committee (50 frames at 300 K): 600 K force MAE "
           f"{initial_mae:.4f} eV/Å")
     result = dict(settings, hosts=per_host, curves={h: r["curve"] for h, r in runs.items()})
@@ -307,13 +335,22 @@ def _compare_with_random(loop: Dict, rand: Dict, summary: Dict) -> Dict:
     print(f"{'random frames':<22}{rand['labels']:>8}{len(rand['curve']) - 1:>13}{rand['curve'][-1][1]:>12.4f}")
     print(f"labels to reach {target:.4f} eV/Å: loop {need_loop}, random {need_random} "
           f"(loop/random = {ratio:.2f}; target <= 0.50)")
-    if rand["refit"] is not None:
-        print(f"after the final refit with {rand['refit'][0]} labels each: loop {summary['final_mae']:.4f}, "
-              f"random {rand['refit'][1]:.4f} eV/Å")
+    refit_ratio = float("nan")
+    if rand["refits"]:
+        loop_refit = summary["final_mae"]
+        reached = [labels for labels, mae in rand["refits"] if mae <= loop_refit]
+        refit_ratio = loop["labels"] / reached[0] if reached else float("nan")
+        print(f"after a refit ({loop['labels']} labels for the loop): loop {loop_refit:.4f}; random "
+              + ", ".join(f"{mae:.4f} with {labels}" for labels, mae in rand["refits"]) + " eV/Å")
+        if reached:
+            print(f"refitted, random needs {reached[0]} labels to match the loop: loop/random = {refit_ratio:.2f}")
+        else:
+            print(f"refitted, random does not match the loop with {rand['refits'][-1][0]} labels: "
+                  f"loop/random < {loop['labels'] / rand['refits'][-1][0]:.2f}")
     return {"target_mae": target, "loop_curve": loop["curve"], "random_curve": rand["curve"],
             "loop_stats": loop["stats"], "loop_counts": loop["counts"], "labels_loop": need_loop,
             "labels_random": need_random, "loop_wall_s": loop["wall_s"], "random_wall_s": rand["wall_s"],
-            "random_refit": rand["refit"]}
+            "random_refits": rand["refits"], "refit_ratio": refit_ratio}
 
 
 def _host_summary(loop: Dict, refit) -> Dict:
@@ -332,6 +369,11 @@ def _plot(result: Dict, path: str) -> None:
         labels, mae = zip(*result[key])
         ax.plot(labels, mae, "o-", label=name)
     ax.axhline(result["target_mae"], color="k", ls="--", lw=0.8)
+    if result.get("random_refits"):
+        engine = result["hosts"]["engine"]
+        ax.plot([engine["labels"]], [engine["final_mae"]], "s", color="C0", label="loop, refitted")
+        labels, mae = zip(*result["random_refits"])
+        ax.plot(labels, mae, "s", color="C1", label="random, refitted")
     ax.set_xlabel("new GFN2-xTB labels")
     ax.set_ylabel(f"force MAE on {result['temperature_K']:.0f} K test set (eV/Å)")
     ax.legend()
