@@ -40,3 +40,44 @@ def test_ase_relaxation(tmp_path):
     assert len(result["sigmas"]) == 4 and np.all(np.isfinite(result["sigmas"]))
     assert result["sigmas"][1:].min() > 0     # step 0 is the perfect lattice: zero forces, σ ~ 0
     assert (tmp_path / "uncertainty.csv").stat().st_size > 0
+
+
+def test_openmm_switch_to_mlmd(tmp_path):
+    """The same OpenMM script with amber14 and with the mlmd committee: both keep the molecule
+    intact, and the energy OpenMM reports for the mlmd System is the model's own at those positions."""
+    pytest.importorskip("openmmml")
+    tutorial = load_tutorial("openmm_switch_to_mlmd.py")
+    result = tutorial.main(["--steps", "200", "--out", str(tmp_path)])
+    for name in ("amber14", "mlmd"):
+        assert result[name]["max_bond_change_A"] < 0.5
+        assert (tmp_path / name / "trajectory.dcd").stat().st_size > 0
+    assert abs(result["mlmd"]["energy_kj_mol"] - result["mlmd_direct_kj_mol"]) < 0.1
+    assert result["mlmd"]["energy_kj_mol"] < -5e4          # a GFN2-xTB total energy, not a force-field one
+    assert abs(result["amber14"]["energy_kj_mol"]) < 1e3
+    assert np.all(np.isfinite(result["sigmas"])) and result["sigmas"].min() > 0
+
+
+def test_production_md(tmp_path):
+    """`mlmd run` then `mlmd run --restart` give one contiguous log; the committee's Cu–Cu first
+    shell (mean distance, 12 neighbours) matches EMT's own run in ASE at the same temperature."""
+    tutorial = load_tutorial("production_md.py")
+    result = tutorial.main(["--steps", "400", "--out", str(tmp_path)])
+    steps = result["steps"]
+    assert steps[-1] == 400 and np.all(np.diff(steps) == 10)         # log_interval 10, no gap, no replay
+    assert result["frames"] == 21
+    assert abs(result["shell_mlmd"][0] - result["shell_emt"][0]) < 0.01
+    assert abs(result["shell_mlmd"][1] - 12.0) < 0.3 and abs(result["shell_emt"][1] - 12.0) < 0.3
+    assert 450 < result["mean_temperature"] < 750
+    assert (tmp_path / "rdf.png").stat().st_size > 0
+
+
+def test_bring_your_own_model(tmp_path):
+    """A model written from scratch in the tutorial passes the audit, learns EMT copper and gives
+    the same energy and forces in the engine, ASE and OpenMM."""
+    pytest.importorskip("openmm")
+    tutorial = load_tutorial("bring_your_own_model.py")
+    result = tutorial.main(["--steps", "400", "--out", str(tmp_path)])
+    assert result["verdict"] == "pass"
+    assert result["force_mae"] < 0.15 * result["force_std"]
+    for host, (energy_gap, force_gap) in result["host_gap"].items():
+        assert energy_gap < 1e-9 and force_gap < 1e-9, host
