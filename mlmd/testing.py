@@ -16,7 +16,8 @@ from . import keys
 
 __all__ = ["check_output_shapes", "check_forces_finite_difference", "check_translation_invariance",
            "check_permutation_invariance", "rotation_invariance_error", "check_cutoff_continuity",
-           "check_isolated_atoms", "check_committee_consistency", "random_rotation", "audit"]
+           "check_isolated_atoms", "check_committee_consistency", "check_periodic_images", "check_nve_drift",
+           "random_rotation", "audit"]
 
 
 def _compute(potential, atoms, positions=None, stress=False):
@@ -198,6 +199,64 @@ def check_committee_consistency(potential, atoms) -> Dict[str, float]:
     return {"energy_std": float(out[keys.ENERGY_STD]), "uncertainty": float(out[keys.UNCERTAINTY])}
 
 
+def check_periodic_images(potential, atoms, atol: Optional[float] = None, seed: int = 0) -> Dict[str, float]:
+    """A periodic frame is the same frame whatever image each atom is given: moving atoms by whole
+    lattice vectors (unwrapped positions) leaves energy and forces unchanged, and a 2x supercell
+    along a periodic direction has twice the energy and the same forces, repeated.
+
+    Returns |ΔE| (eV) and max |ΔF| (eV/Å) of both; an open frame returns zeros (nothing to check).
+    """
+    pbc = np.asarray(atoms.pbc, dtype=bool)
+    if not pbc.any():
+        return {"unwrapped_energy": 0.0, "unwrapped_forces": 0.0, "supercell_energy": 0.0,
+                "supercell_forces": 0.0, "periodic": False}
+    rng = np.random.default_rng(seed)
+    ref = _compute(potential, atoms)
+    e0, f0 = float(ref[keys.ENERGY]), ref[keys.FORCES]
+    images = rng.integers(-2, 3, size=(len(atoms), 3)) * pbc
+    moved = _compute(potential, atoms, atoms.positions + images @ np.asarray(atoms.cell))
+    repeat = [1, 1, 1]
+    repeat[int(np.flatnonzero(pbc)[0])] = 2
+    double = _compute(potential, atoms.repeat(repeat))
+    result = {"unwrapped_energy": abs(float(moved[keys.ENERGY]) - e0),
+              "unwrapped_forces": float(np.abs(moved[keys.FORCES] - f0).max()),
+              "supercell_energy": abs(float(double[keys.ENERGY]) - 2.0 * e0),
+              "supercell_forces": float(np.abs(double[keys.FORCES] - np.tile(f0, (2, 1))).max()),
+              "periodic": True}
+    tol = atol if atol is not None else (1e-8 if potential.dtype.itemsize == 8 else 1e-4)
+    energy_tol = tol * max(1.0, abs(e0))
+    assert result["unwrapped_energy"] <= energy_tol and result["unwrapped_forces"] <= tol * 100, \
+        (f"moving atoms by lattice vectors changed the energy by {result['unwrapped_energy']:.3e} eV and the "
+         f"forces by {result['unwrapped_forces']:.3e} eV/Å: the model does not use the periodic images")
+    assert result["supercell_energy"] <= 2 * energy_tol and result["supercell_forces"] <= tol * 100, \
+        (f"a 2x supercell's energy differs from twice the cell's by {result['supercell_energy']:.3e} eV "
+         f"(forces by {result['supercell_forces']:.3e} eV/Å): the model does not use the periodic images")
+    return result
+
+
+def check_nve_drift(potential, atoms, steps: int = 200, timestep: float = 0.25, temperature: float = 300.0,
+                    tolerance: Optional[float] = 1e-3, seed: int = 0) -> Dict[str, float]:
+    """Velocity-Verlet NVE in mlmd's engine from ``atoms`` with velocities at ``temperature`` K:
+    the largest |E_total(t) - E_total(0)| per atom (eV) over ``steps`` steps of ``timestep`` fs.
+
+    Energy is conserved only when the forces are the gradient of the energy the integrator sees,
+    smooth and continuous as atoms cross the cutoff and the neighbour list changes.
+    """
+    from .md.simulation import Simulation
+
+    sim = Simulation(atoms.copy(), potential, integrator="verlet", timestep=timestep, temperature=temperature,
+                     seed=seed)
+    totals = []
+    sim.attach(lambda s: totals.append(s.state.potential_energy + s.state.kinetic_energy), 1)
+    sim.run(steps)
+    totals = np.array(totals)
+    drift = float(np.abs(totals - totals[0]).max() / len(atoms))
+    if tolerance is not None:
+        assert np.isfinite(drift) and drift <= tolerance, \
+            f"NVE total energy moved by {drift:.3e} eV/atom in {steps * timestep:g} fs (> {tolerance:.1e})"
+    return {"max_deviation_per_atom": drift, "time_fs": steps * timestep}
+
+
 def example_atoms(potential):
     """The example frame stored in the model file (a training frame), as ase.Atoms."""
     from ase import Atoms
@@ -228,6 +287,12 @@ def audit(model, atoms=None, dtype: str = "float64", n_rotations: int = 100, pri
          lambda v: f"{v['energy']:.2e}"),
         (f"rotation, {n_rotations} random (measured)", lambda: rotation_invariance_error(potential, atoms, n_rotations),
          lambda v: f"max |ΔE| {v['energy_max']:.2e} eV, max |ΔF| {v['forces_max']:.2e} eV/Å"),
+        ("periodic images: unwrapped, 2x supercell", lambda: check_periodic_images(potential, atoms),
+         lambda v: (f"|ΔE| {max(v['unwrapped_energy'], v['supercell_energy']):.2e} eV, |ΔF| "
+                    f"{max(v['unwrapped_forces'], v['supercell_forces']):.2e} eV/Å") if v["periodic"]
+         else "n/a (open frame)"),
+        ("NVE, 200 x 0.25 fs at 300 K", lambda: check_nve_drift(potential, atoms),
+         lambda v: f"max |ΔE_total| {v['max_deviation_per_atom']:.2e} eV/atom"),
         ("continuity at the cutoff |ΔE| eV", lambda: check_cutoff_continuity(potential, atol=1e-6 if dtype == "float64" else 1e-4),
          lambda v: f"{v:.2e}"),
         ("isolated atoms", lambda: check_isolated_atoms(potential),
@@ -243,6 +308,9 @@ def audit(model, atoms=None, dtype: str = "float64", n_rotations: int = 100, pri
             rows.append((name, "pass", fmt(value)))
         except AssertionError as exc:
             rows.append((name, "FAIL", str(exc)))
+            verdict = "fail"
+        except (ValueError, RuntimeError) as exc:    # the model raised (e.g. NaN positions in MD)
+            rows.append((name, "FAIL", f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
             verdict = "fail"
     if print_report:
         from rich.console import Console

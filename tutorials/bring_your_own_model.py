@@ -23,7 +23,7 @@ import os
 from typing import Dict, List
 
 import numpy as np
-import torch  # noqa: F401  (before openmmtorch)
+import torch               # before openmm, which may load openmmtorch
 from torch import Tensor, nn
 
 from mlmd.models.forces import edge_forces
