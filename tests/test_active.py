@@ -196,6 +196,30 @@ def test_engine_rollback_restores_the_exact_state(ethanol):
         learner.check(host)
 
 
+def test_never_trusted_run_rolls_back_to_its_start(ethanol):
+    """A committee that was never trusted (every check a candidate) rolls back to the state of
+    its first check when lost, rather than going on from a lost state; a lost first state is not kept."""
+    import mlmd
+    from mlmd.active import ActiveLearner, EngineHost
+    from mlmd.uncertainty import Trigger, TrustLevels
+
+    sim = mlmd.Simulation(ethanol, SHIPPED_MODEL, integrator="langevin", temperature=300, seed=3)
+    host = EngineHost(sim)
+    learner = ActiveLearner(DecliningHook(), Trigger(TrustLevels(1e-9, 10.0), dedup_rmsd=0.0, batch_size=100))
+    assert learner.check(host) == "candidate"
+    start = sim.state.positions.copy()
+    sim.run(20)
+    assert learner.check(host) == "candidate"
+    sim.run(20)
+    learner.trigger.levels = TrustLevels(1e-9, 2e-9)
+    assert learner.check(host) == "lost"
+    assert learner.stats["rollbacks"] == 1
+    np.testing.assert_array_equal(sim.state.positions, start)
+
+    lost_from_the_start = ActiveLearner(DecliningHook(), Trigger(TrustLevels(1e-9, 2e-9), dedup_rmsd=0.0))
+    assert lost_from_the_start.check(host) == "lost" and len(lost_from_the_start.buffer) == 0
+
+
 # ---- labelling ----------------------------------------------------------------------------------
 
 class FailingEMT:

@@ -8,7 +8,9 @@
 
 Every check classifies the current frame (:class:`~mlmd.uncertainty.TrustLevels`):
 
-- trusted: the host's snapshot goes into the rollback ring buffer;
+- trusted: the host's snapshot goes into the rollback ring buffer (so does the state of the
+  first check, where MD started or restarted, unless it is lost: a run whose committee was never
+  trusted rolls back to its start rather than going on lost);
 - candidate: the frame (with provenance: host, step, time, σ, model) is offered to the trigger;
   when a batch is ready the hook runs — ``mode="sync"``: MD waits, the new model is swapped in
   at once; ``mode="async"``: the hook runs in a background thread (its labelling and training
@@ -72,6 +74,7 @@ class ActiveLearner:
         self.stats = {"checks": 0, "labels_requested": 0, "retrainings": 0, "swaps": 0, "rollbacks": 0,
                       "lost": 0, "hook_seconds": 0.0}
         self._lost_in_a_row = 0
+        self._seen_a_state = False        # the first state checked (after a start or a restart)
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._future: Optional[concurrent.futures.Future] = None
         self._log_path = os.fspath(log) if log else None
@@ -96,10 +99,13 @@ class ActiveLearner:
         kind = self.trigger.levels.classify(score)
         self.trigger.counts[kind] += 1
         self._log(host, kind, score, scores["energy_sigma"])
+        first, self._seen_a_state = not self._seen_a_state, True
         if kind == TRUSTED:
             self._lost_in_a_row = 0
             self.buffer.push(host.snapshot())
         elif kind == CANDIDATE:
+            if first:
+                self.buffer.push(host.snapshot())
             self.trigger.offer(self._frame(host, score), host.time_fs)
             if self.trigger.ready:
                 self._run_hook(host, self.trigger.take(), wait=self.mode == "sync")

@@ -104,6 +104,9 @@ def bench_stability(out: str = "runs/bench_stability", seeds: int = 5, picosecon
                     progress: bool = True) -> Dict:
     """Both arms over ``seeds`` seeds; prints the table, writes OUT/stability.json and .png.
 
+    Each run is written to OUT/runs/seed{N}_{arm}.json as it ends and reused by a later call with
+    the same settings (delete OUT/runs to recompute, e.g. after changing the loop's code).
+
     labels_per_ns   the loop's budget (4000/ns: at most 8 + 80 labels in 20 ps)
     n_train         300 K frames the initial committee is trained on"""
     import ase.io
@@ -121,9 +124,21 @@ def bench_stability(out: str = "runs/bench_stability", seeds: int = 5, picosecon
     model = calibrated_initial(train_initial(paths, folder, n_train, progress=progress), paths["val300"])
     structure = ase.io.read(os.path.join(ETHANOL, "ethanol.xyz"))
     os.makedirs(out, exist_ok=True)
+    settings = {"n_train": n_train, "picoseconds": picoseconds, "temperature_K": temperature, "timestep_fs": timestep,
+                "tolerance_A": tolerance, "sigma_lo": sigma_lo, "sigma_hi": sigma_hi, "batch_size": batch_size,
+                "finetune_epochs": epochs, "labels_per_ns": labels_per_ns}
     runs: Dict[str, List[Dict]] = {"off": [], "on": []}
     for seed in range(1, seeds + 1):
         for arm in ("off", "on"):
+            # each run is kept as it ends, so a stopped benchmark resumes at the run it was in
+            record = os.path.join(out, "runs", f"seed{seed}_{arm}.json")
+            if os.path.isfile(record):
+                with open(record) as handle:
+                    saved = json.load(handle)
+                if saved["settings"] == settings:
+                    runs[arm].append(saved["result"])
+                    _print_run(seed, arm, saved["result"], " (kept from an earlier run)")
+                    continue
             factory = None
             if arm == "on":
                 workdir = os.path.join(out, f"loop_seed{seed}")
@@ -135,13 +150,13 @@ def bench_stability(out: str = "runs/bench_stability", seeds: int = 5, picosecon
             result = time_to_failure(model, structure, seed, picoseconds, temperature, timestep, tolerance,
                                      learner_factory=factory, progress=progress)
             runs[arm].append(result)
-            print(f"seed {seed} loop {arm:>3}: {'failed' if result['failed'] else 'survived'} at "
-                  f"{result['time_ps']:.2f} ps (max bond deviation {result['max_deviation']:.3f} Å, "
-                  f"{result['stats'].get('labels', 0)} labels, {result['wall_s']:.0f} s)", flush=True)
+            os.makedirs(os.path.dirname(record), exist_ok=True)
+            with open(record + ".tmp", "w") as handle:
+                json.dump({"settings": settings, "result": result}, handle, indent=1)
+            os.replace(record + ".tmp", record)
+            _print_run(seed, arm, result)
     summary = {arm: float(np.median([r["time_ps"] for r in runs[arm]])) for arm in runs}
-    result = {"seeds": seeds, "picoseconds": picoseconds, "temperature_K": temperature, "timestep_fs": timestep,
-              "tolerance_A": tolerance, "sigma_lo": sigma_lo, "sigma_hi": sigma_hi, "batch_size": batch_size,
-              "finetune_epochs": epochs, "labels_per_ns": labels_per_ns, "n_train": n_train, "runs": runs, "median_ps": summary,
+    result = {"seeds": seeds, **settings, "runs": runs, "median_ps": summary,
               "ratio": summary["on"] / summary["off"] if summary["off"] > 0 else float("nan")}
     with open(os.path.join(out, "stability.json"), "w") as handle:
         json.dump(result, handle, indent=1)
@@ -155,6 +170,12 @@ def bench_stability(out: str = "runs/bench_stability", seeds: int = 5, picosecon
         print(f"{'loop ' + arm:<12}{failed:>5}/{seeds:<2}{summary[arm]:>30.2f}")
     print(f"on/off = {result['ratio']:.2f} (target >= 2)")
     return result
+
+
+def _print_run(seed: int, arm: str, result: Dict, note: str = "") -> None:
+    print(f"seed {seed} loop {arm:>3}: {'failed' if result['failed'] else 'survived'} at "
+          f"{result['time_ps']:.2f} ps (max bond deviation {result['max_deviation']:.3f} Å, "
+          f"{result['stats'].get('labels', 0)} labels, {result['wall_s']:.0f} s){note}", flush=True)
 
 
 def _learner_factory(model, workdir: str, hook_args: Dict, trigger, seed: int):
