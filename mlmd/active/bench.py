@@ -339,7 +339,7 @@ def _compare_with_random(loop: Dict, rand: Dict, summary: Dict) -> Dict:
     if rand["refits"]:
         loop_refit = summary["final_mae"]
         reached = [labels for labels, mae in rand["refits"] if mae <= loop_refit]
-        refit_ratio = loop["labels"] / reached[0] if reached else float("nan")
+        refit_ratio = loop["labels"] / reached[0] if reached and loop["labels"] else float("nan")
         print(f"after a refit ({loop['labels']} labels for the loop): loop {loop_refit:.4f}; random "
               + ", ".join(f"{mae:.4f} with {labels}" for labels, mae in rand["refits"]) + " eV/Å")
         if reached:
