@@ -5,8 +5,8 @@ with GFN2-xTB as the reference, Langevin MD at 500 K with a 0.5 fs step from the
 committee, several seeds, a fixed length per seed.  The initial committee is trained on the first
 ``n_train`` of the 300 K frames of ``mlmd bench active`` (5 by default: the 50-frame committee of
 that benchmark, and a 10-frame one, kept ethanol intact for 20 ps at 500 K with seed 1, which
-leaves the loop nothing to rescue).  A run fails when any covalent bond of the start structure deviates more than
-``tolerance`` Å from its length there.  Loop off: the initial committee drives MD unchanged.
+leaves the loop nothing to rescue).  A run fails when any covalent bond of the start structure
+deviates more than ``tolerance`` Å from its length there.  Loop off: the initial committee drives MD unchanged.
 Loop on: the uncertainty loop labels, retrains, swaps and rolls back as in ``mlmd learn``, within
 a budget of ``labels_per_ns`` reference labels per ns of MD.
 Reported: the time to failure of every seed (a run that never fails is censored at its length),
