@@ -118,6 +118,7 @@ def main(argv=None):
     from ase.calculators.emt import EMT
 
     import mlmd
+    from mlmd import keys
     from mlmd.potential import export
     from mlmd.testing import audit
 
@@ -130,8 +131,8 @@ def main(argv=None):
     example = test_frames[0]
     path = export(model, os.path.join(args.out, "radial_net.pt"),
                   {"model_family": "radial-net (tutorial)", "hyperparameters": {"cutoff": model.cutoff},
-                   "example_frame": {"numbers": example.numbers.tolist(), "positions": example.positions.tolist(),
-                                     "cell": np.asarray(example.cell).tolist(), "pbc": example.pbc.tolist()}},
+                   keys.META_EXAMPLE: {"numbers": example.numbers.tolist(), "positions": example.positions.tolist(),
+                                       "cell": np.asarray(example.cell).tolist(), "pbc": example.pbc.tolist()}},
                   dtype="float64")
     report = audit(path)                    # the shell: mlmd audit runs/own_model/radial_net.pt
 
