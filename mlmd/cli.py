@@ -204,11 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="total steps (overrides the config)")
     p.add_argument("--out", default=None, help="output folder (overrides the config's output)")
     p.add_argument("--mode", default=None, choices=["sync", "async"], help="overrides the config's mode")
-    p.add_argument("--hosts", nargs="+", default=["engine"], choices=["engine", "openmm", "ase"],
-                   help="active: hosts the loop arm runs in (engine; the random arm uses the engine's frames)")
-    p.add_argument("--pool", type=int, default=1, help="active: label the most uncertain 1/POOL of the candidates (1)")
-    p.add_argument("--select", default="sigma", choices=["sigma", "diverse"],
-                   help="active: with --pool, label the most uncertain (sigma) or far-apart (diverse) candidates")
     p.add_argument("--dask", default=None, help="none | local | tcp://host:port (overrides the config)")
     p.add_argument("--restart", action="store_true", help="continue after a kill, from OUT/checkpoint.npz")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
