@@ -391,3 +391,64 @@ def bench_openmm(systems=OPENMM_SYSTEMS, steps: int = 100, rounds: int = 7,
 def _openmm_version() -> str:
     import openmm
     return openmm.__version__
+
+
+def bench_models(models: Dict[str, str], test_frames, md_atoms, timestep: float = 2.0, steps: int = 50,
+                 rounds: int = 5) -> List[Dict]:
+    """Accuracy and cost of model files trained on the same data, side by side.
+
+    ``models``: label -> model file; ``test_frames``: held-out ASE frames with reference
+    energy/forces; ``md_atoms``: the frame timed in the internal engine (velocity Verlet, NVE,
+    ``timestep`` fs). For each file: force and energy MAE on the test frames, mlmd.Simulation's
+    ms/step and the model call inside those steps (energy + forces; fastest of ``rounds`` rounds
+    of ``steps``), both also as a multiple of the first model's. Prints a markdown table.
+    """
+    from .potential import load
+
+    rows: List[Dict] = []
+    for label, path in models.items():
+        potential = load(path)
+        force_errors, energy_errors = [], []
+        for atoms in test_frames:
+            out = potential.compute_atoms(atoms)
+            force_errors.append(np.abs(out["forces"] - atoms.get_forces()).ravel())
+            energy_errors.append(abs(out["energy"] - atoms.get_potential_energy()) / len(atoms))
+        step = md_drivers(potential, md_atoms, timestep, steps, rounds=rounds, drivers=("mlmd",))["mlmd"]
+        meta = potential.metadata
+        rows.append({"model": label, "path": os.path.relpath(path, _ROOT) if os.path.isabs(path) else path,
+                     "family": meta.get("model_family", "?"), "members": potential.committee_size,
+                     "dtype": meta.get("dtype"), "force_mae": float(np.mean(np.concatenate(force_errors))),
+                     "energy_mae_mev": 1000 * float(np.mean(energy_errors)), "call_ms": 1e3 * step["model"],
+                     "step_ms": 1e3 * step["step"]})
+        print(f"{label}: force MAE {rows[-1]['force_mae']:.4f} eV/Å, {rows[-1]['call_ms']:.2f} ms/call, "
+              f"{rows[-1]['step_ms']:.2f} ms/step", flush=True)
+    print(format_models_table(rows, len(md_atoms), torch.get_num_threads()))
+    return rows
+
+
+def format_models_table(rows: List[Dict], n_atoms: int, threads: int) -> str:
+    first = rows[0]
+    lines = [f"{n_atoms} atoms in mlmd's engine, {threads} torch threads; × = time / {first['model']}'s time",
+             "",
+             "| model | file | members | dtype | force MAE eV/Å | energy MAE meV/atom | model call in MD ms (×) "
+             "| MD ms/step (×) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} ({r['family']}) | `{r['path']}` | {r['members']} | {r['dtype']} "
+                     f"| {r['force_mae']:.4f} | {r['energy_mae_mev']:.2f} "
+                     f"| {r['call_ms']:.2f} ({r['call_ms'] / first['call_ms']:.2f}) "
+                     f"| {r['step_ms']:.2f} ({r['step_ms'] / first['step_ms']:.2f}) |")
+    return "\n".join(lines)
+
+
+def copper_test_frames():
+    """The 103 held-out frames of the shipped copper committee's split (systems/copper/metrics.json)."""
+    import json
+
+    import ase.io
+
+    folder = os.path.join(_ROOT, "systems", "copper")
+    frames = ase.io.read(os.path.join(folder, "data.extxyz"), ":")
+    with open(os.path.join(folder, "metrics.json")) as handle:
+        split = json.load(handle)["split"]
+    return [frames[i] for i in split["test"]]

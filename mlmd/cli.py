@@ -1,4 +1,4 @@
-"""The ``mlmd`` command: label, train, export, info, audit, run, bench."""
+"""The ``mlmd`` command: label, train, export, info, audit, import-mace, run, bench."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,19 @@ def _cmd_audit(args) -> int:
     return 0 if report["verdict"] == "pass" else 1
 
 
+def _cmd_import_mace(args) -> int:
+    from .plugins.mace import import_mace
+
+    example = None
+    if args.example:
+        import ase.io
+
+        example = ase.io.read(args.example)
+    path = import_mace(args.models, args.out, dtype=args.dtype, example=example)
+    print(f"wrote {path}: {len(args.models)} MACE model(s) as one mlmd committee file (check it: mlmd audit {path})")
+    return 0
+
+
 def _cmd_run(args) -> int:
     from .md.run import RunConfig, run
 
@@ -121,6 +134,11 @@ def _print_run_summary(config, summary) -> int:
 def _cmd_bench(args) -> int:
     from . import bench
 
+    if args.name == "all":
+        from .bench_all import bench_all
+        results = bench_all(out=args.out or os.path.join("runs", "bench_all"), report=args.report,
+                            only=args.only, skip=args.skip or ())
+        return 0 if all(r["returncode"] == 0 for r in results) else 1
     if args.threads and args.name != "committee":
         torch_threads(args.threads)
     if args.name == "committee":
@@ -134,6 +152,13 @@ def _cmd_bench(args) -> int:
         bench.bench_md(ethanol_model=args.model)
     elif args.name == "openmm":
         bench.bench_openmm()   # the shipped ethanol and alanine dipeptide systems
+    elif args.name == "models":
+        import ase.io
+        copper = os.path.join(_ROOT, "systems", "copper")
+        atoms = ase.io.read(os.path.join(copper, "cu_fcc_108.xyz"))
+        atoms.rattle(0.05, seed=0)
+        bench.bench_models({"built-in": os.path.join(copper, "copper_committee.pt"),
+                            "MACE": os.path.join(copper, "copper_mace.pt")}, bench.copper_test_frames(), atoms)
     elif args.name == "active":
         from .active.bench import bench_active
         bench_active(out=args.out or os.path.join("runs", "bench_active"), steps=args.steps or 6000,
@@ -191,6 +216,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision for the finite-difference checks (the file is cast)")
     p.set_defaults(func=_cmd_audit)
 
+    p = sub.add_parser("import-mace", help="bring MACE models (mace_run_train's .model files) into one mlmd file")
+    p.add_argument("models", nargs="+", help="one .model file per committee member (same elements and r_max)")
+    p.add_argument("--out", required=True, help="mlmd model file to write")
+    p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    p.add_argument("--example", default=None,
+                   help="a structure file (any ASE format) stored in the file for `mlmd audit`")
+    p.set_defaults(func=_cmd_import_mace)
+
     p = sub.add_parser("run", help="production MD in the internal engine from a YAML config")
     p.add_argument("config", help="YAML file, or a systems/<name> folder holding run.yaml")
     p.add_argument("--steps", type=int, default=None, help="total steps (overrides the config)")
@@ -210,10 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_learn)
 
     p = sub.add_parser("bench", help="side-by-side benchmarks (ratios printed)")
-    p.add_argument("name", choices=["committee", "neighbors", "md", "openmm", "active", "stability"],
-                   help="committee: M members vs one; neighbors: our list vs vesin/matscipy/ASE and "
+    p.add_argument("name", choices=["all", "committee", "neighbors", "md", "openmm", "models", "active", "stability"],
+                   help="all: every benchmark below, one after the other, written into BENCHMARKS.md; "
+                        "committee: M members vs one; neighbors: our list vs vesin/matscipy/ASE and "
                         "the Verlet skin; md: engine overhead vs ASE and OpenMM; openmm: TorchForce "
-                        "and PythonForce paths vs the bare model call; active: labels the uncertainty loop needs "
+                        "and PythonForce paths vs the bare model call; models: the shipped copper committee vs "
+                        "a MACE committee on the same data (force MAE, ms/step); active: labels the uncertainty loop needs "
                         "vs random frames (ethanol, GFN2-xTB, 600 K); stability: time to a broken bond at 500 K with the "
                         "loop off vs on")
     p.add_argument("--model", default=os.path.join(_ROOT, "systems", "ethanol", "ethanol_committee.pt"),
@@ -223,8 +258,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=200)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="neighbors: atom counts (256 2048 6912 16384)")
-    p.add_argument("--out", default=None, help="active, stability: folder for the results "
-                   "(runs/bench_active, runs/bench_stability)")
+    p.add_argument("--out", default=None, help="active, stability, all: folder for the results "
+                   "(runs/bench_active, runs/bench_stability, runs/bench_all)")
     p.add_argument("--seeds", type=int, default=5, help="stability: MD runs per arm (5)")
     p.add_argument("--ps", type=float, default=20.0, help="stability: picoseconds per run (20)")
     p.add_argument("--initial-frames", type=int, default=5,
@@ -238,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--select", default="sigma", choices=["sigma", "diverse"],
                    help="active: with --pool, label the most uncertain (sigma) or far-apart (diverse) candidates")
     p.add_argument("--dask", default=None, help="active: 'local' or a scheduler address to fan out labels/training")
+    p.add_argument("--only", nargs="+", default=None, help="all: run only these benchmarks")
+    p.add_argument("--skip", nargs="+", default=None, help="all: leave these benchmarks out")
+    p.add_argument("--report", default=os.path.join(_ROOT, "BENCHMARKS.md"),
+                   help="all: markdown file whose generated block is rewritten (BENCHMARKS.md)")
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -1,0 +1,152 @@
+"""``mlmd bench all``: every side-by-side benchmark in one command, written into BENCHMARKS.md.
+
+Each benchmark runs as its own ``mlmd bench NAME`` process, one after the other (two torch
+processes on one small machine slow each other several-fold, so nothing runs beside them).
+Its output is kept in ``OUT/NAME.log``, its plots are copied to ``benchmarks/figures/``, and
+the block between the markers below in BENCHMARKS.md is replaced by the latest run: for
+every benchmark the exact command, its wall time, the tail of its printed tables and its
+plots. The hand-written sections around the block (the analysis of earlier runs) are kept.
+"""
+from __future__ import annotations
+
+import datetime
+import glob
+import os
+import platform
+import re
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BEGIN = "<!-- mlmd bench all: begin (generated; edit outside this block) -->"
+END = "<!-- mlmd bench all: end -->"
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
+def sections(out: str) -> List[Dict]:
+    """The benchmarks in the order they run: name, title, arguments of ``mlmd bench``, plot folder."""
+    return [
+        {"name": "neighbors", "title": "Neighbour lists vs vesin, matscipy and ASE; Verlet skin in MD",
+         "args": ["neighbors"]},
+        {"name": "md", "title": "MD engine vs ASE and OpenMM (driver overhead per step)", "args": ["md"]},
+        {"name": "openmm", "title": "OpenMM paths: TorchForce and PythonForce vs the bare model call",
+         "args": ["openmm"]},
+        {"name": "committee", "title": "Committee cost: M members vs one", "args": ["committee"]},
+        {"name": "models", "title": "Built-in model vs MACE on the same data and budget (Cu, EMT)",
+         "args": ["models"]},
+        {"name": "active", "title": "Active learning vs random frames (ethanol, GFN2-xTB)",
+         "args": ["active", "--pool", "3", "--select", "diverse", "--steps", "12000",
+                  "--out", os.path.join(out, "active")], "plots": os.path.join(out, "active")},
+        {"name": "stability", "title": "Stability: time to a broken bond, loop off vs on (ethanol, 500 K)",
+         "args": ["stability", "--out", os.path.join("runs", "bench_stability")],
+         "plots": os.path.join("runs", "bench_stability")},
+    ]
+
+
+def _mlmd_command() -> List[str]:
+    script = os.path.join(os.path.dirname(sys.executable), "mlmd")
+    return [script] if os.path.exists(script) else [sys.executable, "-c", "import sys; from mlmd.cli import main; "
+                                                                          "sys.exit(main())"]
+
+
+def run_section(section: Dict, out: str) -> Dict:
+    """Run one benchmark, echoing its output; returns its log, wall time and exit code."""
+    command = _mlmd_command() + ["bench"] + section["args"]
+    log_path = os.path.join(out, f"{section['name']}.log")
+    env = dict(os.environ, COLUMNS="140", PYTHONUNBUFFERED="1")
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                                   cwd=_ROOT)
+        for line in process.stdout:
+            sys.stdout.write(line)
+            log.write(line)
+        code = process.wait()
+    wall = time.perf_counter() - start
+    with open(log_path) as handle:
+        text = _ANSI.sub("", handle.read())
+    return {"log": text, "wall_s": wall, "returncode": code, "log_path": log_path}
+
+
+def _tail(text: str, lines: int) -> str:
+    kept = [line.rstrip() for line in text.splitlines()
+            if line.strip() and "Warning" not in line and "warnings.warn" not in line and "\r" not in line]
+    return "\n".join(kept[-lines:])
+
+
+def _copy_plots(section: Dict, figures: str) -> List[str]:
+    folder = section.get("plots")
+    if not folder or not os.path.isdir(os.path.join(_ROOT, folder)):
+        return []
+    copied = []
+    for png in sorted(glob.glob(os.path.join(_ROOT, folder, "*.png"))):
+        target = os.path.join(figures, f"{section['name']}_{os.path.basename(png)}")
+        shutil.copyfile(png, target)
+        copied.append(os.path.relpath(target, _ROOT))
+    return copied
+
+
+def report_block(results: Sequence[Dict], started: str) -> str:
+    import torch
+
+    lines = [BEGIN, "", f"## Latest `mlmd bench all` run ({started})", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads by default; no GPU unless a row says so. "
+             "Each benchmark ran alone, in the order below.", ""]
+    for r in results:
+        section = r["section"]
+        status = "" if r["returncode"] == 0 else f" — **exited {r['returncode']}**, see `{r['log_path']}`"
+        lines += [f"### {section['title']}", "",
+                  f"`mlmd bench {' '.join(section['args'])}` ({r['wall_s'] / 60:.1f} min){status}", "",
+                  "```text", _tail(r["log"], section.get("tail", 40)), "```", ""]
+        lines += [f"![{section['name']}]({path})" for path in r["plots"]]
+        if r["plots"]:
+            lines.append("")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_report(block: str, path: str) -> None:
+    """Replace the generated block of ``path`` (or append it); the rest of the file is kept."""
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + block + tail
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    tmp = path + ".tmp"
+    with open(tmp, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def bench_all(out: str = os.path.join("runs", "bench_all"), report: str = os.path.join(_ROOT, "BENCHMARKS.md"),
+              only: Optional[Sequence[str]] = None, skip: Sequence[str] = ()) -> List[Dict]:
+    """Run the benchmarks (all, or ``only`` those, minus ``skip``) and write ``report``.
+
+    A relative ``out`` is taken from the repository root, where the benchmarks run."""
+    chosen = [s for s in sections(out) if (not only or s["name"] in only) and s["name"] not in skip]
+    known = {s["name"] for s in sections(out)}
+    unknown = sorted((set(only or ()) | set(skip)) - known)
+    if unknown:
+        raise ValueError(f"only/skip: unknown benchmark(s) {unknown}; choose from {sorted(known)}")
+    os.makedirs(os.path.join(_ROOT, out) if not os.path.isabs(out) else out, exist_ok=True)
+    figures = os.path.join(_ROOT, "benchmarks", "figures")
+    os.makedirs(figures, exist_ok=True)
+    started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    results = []
+    for section in chosen:
+        print(f"\n=== mlmd bench {' '.join(section['args'])}", flush=True)
+        result = run_section(section, out if os.path.isabs(out) else os.path.join(_ROOT, out))
+        result["section"] = section
+        result["plots"] = _copy_plots(section, figures)
+        results.append(result)
+        # written after every benchmark: an interrupted run keeps what it measured
+        write_report(report_block(results, started), report)
+    failed = [r["section"]["name"] for r in results if r["returncode"] != 0]
+    print(f"\nwrote {report}" + (f"; failed: {failed}" if failed else ""))
+    return results

@@ -1,0 +1,107 @@
+"""How systems/copper/copper_mace.pt was made: a MACE committee on the built-in committee's split.
+
+The frames, the train/val/test split and the loss weights (energy 1, forces 10) are those of
+``copper_committee.pt`` (from its ``metrics.json``); each member is trained by mace-torch's own
+``mace_run_train`` on the CPU with a different seed, then the members are imported into one
+mlmd model file (``mlmd.plugins.mace.import_mace``) and scored on the 103 held-out frames.
+
+    .venv/bin/python systems/copper/train_mace.py --epochs 30 --committee 4 --work runs/copper_mace
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def write_split(work: str) -> dict:
+    """train/val/test extxyz files with MACE's REF_* label keys; returns their paths."""
+    import ase.io
+
+    frames = ase.io.read(os.path.join(HERE, "data.extxyz"), ":")
+    with open(os.path.join(HERE, "metrics.json")) as handle:
+        split = json.load(handle)["split"]
+    paths = {}
+    for part in ("train", "val", "test"):
+        chosen = []
+        for index in split[part]:
+            atoms = frames[index].copy()
+            atoms.info["REF_energy"] = frames[index].get_potential_energy()
+            atoms.arrays["REF_forces"] = frames[index].get_forces()
+            atoms.info["REF_stress"] = frames[index].get_stress(voigt=False)
+            atoms.calc = None
+            chosen.append(atoms)
+        paths[part] = os.path.join(work, f"{part}.extxyz")
+        ase.io.write(paths[part], chosen)
+    return paths
+
+
+def train_member(paths: dict, work: str, seed: int, epochs: int, channels: int, max_l: int) -> tuple:
+    """Run mace_run_train for one member; returns (model path, wall seconds)."""
+    name = f"cu_mace_{seed}"
+    command = [os.path.join(os.path.dirname(sys.executable), "mace_run_train"),
+               f"--name={name}", f"--work_dir={work}", f"--seed={seed}",
+               f"--train_file={paths['train']}", f"--valid_file={paths['val']}", f"--test_file={paths['test']}",
+               "--energy_key=REF_energy", "--forces_key=REF_forces", "--stress_key=REF_stress",
+               "--E0s=average", "--model=ScaleShiftMACE", f"--num_channels={channels}", f"--max_L={max_l}",
+               "--num_interactions=2", "--correlation=3", "--r_max=4.5",
+               "--loss=weighted", "--energy_weight=1.0", "--forces_weight=10.0",
+               "--batch_size=10", "--valid_batch_size=20", f"--max_num_epochs={epochs}", "--lr=0.01",
+               "--ema", "--ema_decay=0.99", "--default_dtype=float32", "--device=cpu",
+               "--eval_interval=1", "--error_table=PerAtomMAE", "--save_cpu", "--restart_latest"]
+    start = time.perf_counter()
+    with open(os.path.join(work, f"{name}.log"), "w") as log:
+        subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return os.path.join(work, f"{name}.model"), time.perf_counter() - start
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--work", default=os.path.join("runs", "copper_mace"))
+    parser.add_argument("--out", default=os.path.join(HERE, "copper_mace.pt"))
+    parser.add_argument("--committee", type=int, default=4)
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--channels", type=int, default=16)
+    parser.add_argument("--max-l", type=int, default=1)
+    args = parser.parse_args(argv)
+    os.makedirs(args.work, exist_ok=True)
+    paths = write_split(args.work)
+    models, walls = [], []
+    for seed in range(args.committee):
+        model, wall = train_member(paths, args.work, seed, args.epochs, args.channels, args.max_l)
+        models.append(model)
+        walls.append(wall)
+        print(f"member {seed}: {wall:.0f} s -> {model}", flush=True)
+
+    import ase.io
+
+    import mlmd
+    from mlmd.plugins.mace import import_mace
+
+    test = ase.io.read(paths["test"], ":")
+    train = ase.io.read(paths["train"], ":")
+    hyper = {"num_channels": args.channels, "max_L": args.max_l, "epochs": args.epochs}
+    path = import_mace(models, args.out, dtype="float32", example=train[0],
+                       training={"data": "systems/copper/data.extxyz", "split": "copper_committee.pt's",
+                                 "train_wall_s": float(sum(walls)), "mace_run_train": hyper})
+    potential = mlmd.load(path)
+    force_errors, energy_errors = [], []
+    for atoms in test:
+        out = potential.compute_atoms(atoms)
+        force_errors.append(np.abs(out["forces"] - atoms.arrays["REF_forces"]).ravel())
+        energy_errors.append(abs(out["energy"] - atoms.info["REF_energy"]) / len(atoms))
+    summary = {"force_mae_eV_per_A": float(np.mean(np.concatenate(force_errors))),
+               "energy_mae_meV_per_atom": 1000 * float(np.mean(energy_errors)),
+               "train_wall_s": float(sum(walls)), "member_wall_s": walls, "n_test": len(test), **hyper}
+    with open(os.path.join(args.work, "metrics.json"), "w") as handle:
+        json.dump(summary, handle, indent=1)
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
