@@ -1,6 +1,4 @@
 """MACE (mace-torch) models imported into the contract: MACE's own numbers, contract checks, three hosts."""
-import copy
-
 import numpy as np
 import pytest
 
@@ -37,7 +35,7 @@ def mace_file(mace_members, tmp_path_factory):
     from mlmd.plugins.mace import import_mace
 
     path = tmp_path_factory.mktemp("mace") / "mace_committee.pt"
-    return import_mace(copy.deepcopy(mace_members), path, dtype="float64")
+    return import_mace(mace_members, path, dtype="float64")
 
 
 def mace_reference(model, atoms):

@@ -15,9 +15,14 @@ with messages flowing sender → receiver. mlmd's pair (centre i, neighbour j) h
 ``d_ij = x_j - x_i + shift`` and i receives, so MACE gets ``edge_index = (j, i)``, positions
 all zero and ``shifts = -d_ij``: its vectors are then exactly the ones it would build itself,
 and mlmd's ``edge_forces`` turns dE/dd into forces and the virial, as for built-in models.
+
+The written file is plain TorchScript: loading and running it needs neither mace-torch nor
+e3nn. Only importing does, and importing mace-torch sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+for the whole process (its e3nn 0.4.4 cannot otherwise read its own constants under torch 2.9).
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Dict, List, Sequence
 
@@ -123,7 +128,8 @@ def import_mace(models: Sequence, out: str | os.PathLike, dtype: str = "float64"
 
     if isinstance(models, (str, os.PathLike, nn.Module)):
         models = [models]
-    modules = [load_mace_model(m) if isinstance(m, (str, os.PathLike)) else m for m in models]
+    # modules given in memory are copied: the caller's stay in their dtype and mode
+    modules = [load_mace_model(m) if isinstance(m, (str, os.PathLike)) else copy.deepcopy(m) for m in models]
     modules = [m.to(torch.float64 if dtype == "float64" else torch.float32) for m in modules]
     committee = MaceCommittee(modules)
     first = modules[0]

@@ -1,0 +1,30 @@
+"""mlmd bench all: the generated block of BENCHMARKS.md is replaced, the hand-written rest kept."""
+import pytest
+
+from mlmd.bench_all import BEGIN, END, bench_all, report_block, write_report
+
+
+def _result(name, log, code=0):
+    return {"section": {"name": name, "title": name.title(), "args": [name]}, "log": log, "wall_s": 60.0,
+            "returncode": code, "log_path": f"runs/bench_all/{name}.log", "plots": []}
+
+
+def test_report_block_replaced_and_hand_written_sections_kept(tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\n## Analysis by hand\n\nkeep me\n")
+    write_report(report_block([_result("md", "| a | b |\n| 1 | 2 |")], "first"), str(report))
+    first = report.read_text()
+    assert "keep me" in first and first.count(BEGIN) == 1 and "| 1 | 2 |" in first
+    with open(report, "a") as handle:
+        handle.write("\n## Written after the block\n\nkeep me too\n")
+    write_report(report_block([_result("md", "| 3 | 4 |"), _result("models", "boom", code=1)], "second"), str(report))
+    second = report.read_text()
+    assert second.count(BEGIN) == 1 and second.count(END) == 1
+    assert "| 1 | 2 |" not in second and "| 3 | 4 |" in second
+    assert "keep me" in second and "keep me too" in second
+    assert "exited 1" in second and "(second)" in second
+
+
+def test_unknown_benchmark_names_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="only/skip: unknown benchmark"):
+        bench_all(out=str(tmp_path), report=str(tmp_path / "B.md"), only=["nieghbors"])
