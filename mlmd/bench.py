@@ -420,7 +420,7 @@ def bench_models(models: Dict[str, str], test_frames, md_atoms, timestep: float 
                      "dtype": meta.get("dtype"), "force_mae": float(np.mean(np.concatenate(force_errors))),
                      "energy_mae_mev": 1000 * float(np.mean(energy_errors)), "call_ms": 1e3 * step["model"],
                      "step_ms": 1e3 * step["step"]})
-        print(f"{label}: force MAE {rows[-1]['force_mae']:.4f} eV/Å, {rows[-1]['call_ms']:.2f} ms/call, "
+        print(f"{label}: force MAE {rows[-1]['force_mae']:.4f} eV/Å, {rows[-1]['call_ms']:.2f} ms in the model, "
               f"{rows[-1]['step_ms']:.2f} ms/step", flush=True)
     print(format_models_table(rows, len(md_atoms), torch.get_num_threads()))
     return rows
