@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence
 
+from .errors import InputError
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN = "<!-- mlmd bench all: begin (generated; edit outside this block) -->"
 END = "<!-- mlmd bench all: end -->"
@@ -133,7 +135,7 @@ def bench_all(out: str = os.path.join("runs", "bench_all"), report: str = os.pat
     known = {s["name"] for s in sections(out)}
     unknown = sorted((set(only or ()) | set(skip)) - known)
     if unknown:
-        raise ValueError(f"only/skip: unknown benchmark(s) {unknown}; choose from {sorted(known)}")
+        raise InputError(f"only/skip: unknown benchmark(s) {unknown}; choose from {sorted(known)}")
     os.makedirs(os.path.join(_ROOT, out) if not os.path.isabs(out) else out, exist_ok=True)
     figures = os.path.join(_ROOT, "benchmarks", "figures")
     os.makedirs(figures, exist_ok=True)
