@@ -82,14 +82,17 @@ class MaceCommittee(nn.Module):
         batch = torch.zeros(n_atoms, dtype=torch.long, device=edge_vectors.device)
         ptr = torch.tensor([0, n_atoms], dtype=torch.long, device=edge_vectors.device)
         cell = torch.zeros((1, 3, 3), dtype=dtype, device=edge_vectors.device)
+        positions = torch.zeros((n_atoms, 3), dtype=dtype, device=edge_vectors.device)
+        unit_shifts = torch.zeros_like(edge_vectors)       # read by MACE only for its own stress
+        shifts = -vectors                                   # [M,E,3]: MACE's x_receiver - x_sender
         energies: List[Tensor] = []
         for index, member in enumerate(self.members):
             data: Dict[str, Tensor] = {
-                "positions": torch.zeros((n_atoms, 3), dtype=dtype, device=edge_vectors.device),
+                "positions": positions,
                 "node_attrs": node_attrs,
                 "edge_index": mace_edges,
-                "shifts": -vectors[index],
-                "unit_shifts": torch.zeros_like(edge_vectors),
+                "shifts": shifts[index],
+                "unit_shifts": unit_shifts,
                 "cell": cell,
                 "batch": batch,
                 "ptr": ptr,
