@@ -86,6 +86,14 @@ def _cmd_import_mace(args) -> int:
         example = ase.io.read(args.example)
     path = import_mace(args.models, args.out, dtype=args.dtype, example=example)
     print(f"wrote {path}: {len(args.models)} MACE model(s) as one mlmd committee file (check it: mlmd audit {path})")
+    if args.calibrate:
+        from .models.data import read_dataset
+        from .models.train import calibrate_on
+
+        calibration = calibrate_on(path, read_dataset(args.calibrate), len(args.models))
+        if calibration:
+            print(f"σ calibration factor {calibration['factor']:.3f} on {calibration['frames']} frames of "
+                  f"{args.calibrate}")
     return 0
 
 
@@ -222,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     p.add_argument("--example", default=None,
                    help="a structure file (any ASE format) stored in the file for `mlmd audit`")
+    p.add_argument("--calibrate", default=None, metavar="DATA",
+                   help="labelled frames held out from training (extxyz): set the committee's σ calibration "
+                        "factor on them")
     p.set_defaults(func=_cmd_import_mace)
 
     p = sub.add_parser("run", help="production MD in the internal engine from a YAML config")

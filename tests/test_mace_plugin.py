@@ -133,3 +133,30 @@ def test_import_rejects_mismatched_members():
         MaceCommittee([small_mace(0, cutoff=4.0), small_mace(1, cutoff=5.0)])
     with pytest.raises(ValueError, match="members: the models know different elements"):
         MaceCommittee([small_mace(0), small_mace(1, species=[1, 6])])
+
+
+def test_import_mace_command_calibrates_sigma_on_held_out_frames(mace_members, tmp_path):
+    """`mlmd import-mace A.model B.model --calibrate DATA` sets the factor fitted on DATA."""
+    import ase.io
+    import torch
+
+    import mlmd
+    from mlmd import keys
+    from mlmd.cli import main
+    from mlmd.models.data import read_dataset
+    from mlmd.uncertainty import calibrate
+
+    from conftest import ETHANOL_DATA
+
+    paths = []
+    for index, member in enumerate(mace_members):
+        paths.append(str(tmp_path / f"member{index}.model"))
+        torch.save(member, paths[-1])
+    held_out = str(tmp_path / "val.extxyz")
+    ase.io.write(held_out, read_dataset(ETHANOL_DATA)[:6])
+    out = str(tmp_path / "mace.pt")
+    assert main(["import-mace", *paths, "--out", out, "--calibrate", held_out]) == 0
+    potential = mlmd.load(out)
+    factor = calibrate(potential, read_dataset(held_out)).factor
+    assert factor != 1.0
+    assert potential.metadata[keys.META_CALIBRATION] == pytest.approx(factor, rel=1e-6)

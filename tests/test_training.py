@@ -41,6 +41,15 @@ def test_train_committee_resume_and_export(tmp_path):
     assert pot.metadata[keys.META_FINGERPRINT] and len(pot.metadata[keys.META_FINGERPRINT]) == 64
     atoms = testing.example_atoms(pot)
     testing.check_committee_consistency(pot, atoms)
+    # σ is calibrated on the validation split: the file's factor is the one fitted there
+    from mlmd.models.data import read_dataset
+    from mlmd.uncertainty import calibrate
+    split = json.load(open(tmp_path / "metrics.json"))["split"]
+    frames = read_dataset(ETHANOL_DATA)
+    factor = calibrate(pot, [frames[i] for i in split["val"]]).factor
+    assert factor != 1.0
+    assert pot.metadata[keys.META_CALIBRATION] == pytest.approx(factor, rel=1e-6)
+    assert summary["calibration"]["factor"] == pytest.approx(factor, rel=1e-6)
 
 
 def test_resume_equals_uninterrupted(tmp_path):
@@ -91,6 +100,12 @@ def test_shipped_ethanol_committee_accuracy_and_contract():
     print(f"shipped committee, default grid: max |ΔE| {rot['energy_max']:.2e} eV, "
           f"max |ΔF| {rot['forces_max']:.2e} eV/Å over 100 rotations")
     testing.check_committee_consistency(pot, atoms)
+    # the σ calibration fitted on the validation frames carries over to the held-out test frames
+    from mlmd.uncertainty import calibrate
+    test_factor = calibrate(pot, test_frames).factor
+    stored = pot.metadata[keys.META_CALIBRATION]
+    print(f"shipped committee: calibration factor {stored:.3f} (validation), {test_factor:.3f} (test)")
+    assert 0.75 < test_factor / stored < 1.33
 
 
 def test_stress_labels_become_frame_virials_and_energy_shift_refit():

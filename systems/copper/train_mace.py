@@ -89,6 +89,14 @@ def main(argv=None):
     path = import_mace(models, args.out, dtype="float32", example=train[0],
                        training={"data": "systems/copper/data.extxyz", "split": "copper_committee.pt's",
                                  "train_wall_s": float(sum(walls)), "mace_run_train": hyper})
+    # σ calibrated on the validation frames, as `mlmd train` does for the built-in committee
+    from mlmd.models.data import read_dataset
+    from mlmd.models.train import calibrate_on
+
+    with open(os.path.join(HERE, "metrics.json")) as handle:
+        val_indices = json.load(handle)["split"]["val"]
+    frames = read_dataset(os.path.join(HERE, "data.extxyz"))
+    calibration = calibrate_on(path, [frames[i] for i in val_indices], args.committee)
     potential = mlmd.load(path)
     force_errors, energy_errors = [], []
     for atoms in test:
@@ -97,7 +105,8 @@ def main(argv=None):
         energy_errors.append(abs(out["energy"] - atoms.info["REF_energy"]) / len(atoms))
     summary = {"force_mae_eV_per_A": float(np.mean(np.concatenate(force_errors))),
                "energy_mae_meV_per_atom": 1000 * float(np.mean(energy_errors)),
-               "train_wall_s": float(sum(walls)), "member_wall_s": walls, "n_test": len(test), **hyper}
+               "train_wall_s": float(sum(walls)), "member_wall_s": walls, "n_test": len(test),
+               "calibration": calibration, **hyper}
     with open(os.path.join(args.work, "metrics.json"), "w") as handle:
         json.dump(summary, handle, indent=1)
     print(json.dumps(summary, indent=1))
