@@ -86,3 +86,37 @@ def test_openmm_oracle_matches_openmm_and_rejects_a_wrong_frame(water_pdb):
         OpenMMForceField("missing.pdb")
     with pytest.raises(InputError, match="forcefield"):
         OpenMMForceField(water_pdb, forcefield=["no-such-forcefield.xml"])
+
+
+def test_mlmd_label_writes_the_oracles_own_labels_and_keeps_the_centre_of_mass_at_rest(tmp_path):
+    """`mlmd label` with EMT: each frame's labels are EMT's energy and forces at that geometry,
+    frames carry no MD constraint, the Langevin run (FixCom) keeps the total momentum at zero,
+    and an existing output file is refused, not overwritten."""
+    import ase.io
+    from ase.build import bulk
+    from ase.calculators.emt import EMT
+
+    from mlmd.cli import main
+    from mlmd.models.data import read_dataset
+
+    start = str(tmp_path / "cu.xyz")
+    ase.io.write(start, bulk("Cu", "fcc", a=3.6, cubic=True).repeat((2, 2, 2)))
+    out = str(tmp_path / "labels.extxyz")
+    args = ["label", start, "--oracle", "emt", "--out", out, "--frames", "4", "--temperature", "800",
+            "--timestep", "2", "--interval", "10", "--equilibration", "20", "--friction", "0.05", "--no-relax"]
+    assert main(args) == 0
+    frames = read_dataset(out)
+    assert len(frames) == 4
+    for frame in frames:
+        assert not frame.constraints
+        fresh = frame.copy()
+        fresh.calc = EMT()
+        # extxyz stores positions to 1e-8 Å
+        assert abs(fresh.get_potential_energy() - frame.get_potential_energy()) < 1e-6
+        np.testing.assert_allclose(fresh.get_forces(), frame.get_forces(), atol=1e-6)
+        momentum = np.abs(frame.get_momenta().sum(axis=0)).max()
+        assert momentum < 1e-8 * np.abs(frame.get_momenta()).max()
+    assert frames[-1].positions.std() > 0 and not np.allclose(frames[0].positions, frames[-1].positions)
+    before = open(out).read()
+    assert main(args) != 0
+    assert open(out).read() == before

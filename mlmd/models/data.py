@@ -84,7 +84,10 @@ def label_frame(atoms, calculator, info: Optional[dict] = None):
     source = atoms if atoms.calc is calculator else frame   # reuse the MD step's cached results
     if source is frame:
         frame.calc = calculator
-    labels = {"energy": float(source.get_potential_energy()), "forces": np.array(source.get_forces())}
+    # the oracle's own forces: an MD constraint (FixCom in sample_md) must not edit the labels
+    labels = {"energy": float(source.get_potential_energy()),
+              "forces": np.array(source.get_forces(apply_constraint=False))}
+    frame.set_constraint()
     if frame.pbc.all() and "stress" in getattr(calculator, "implemented_properties", ()):
         labels["stress"] = np.array(source.get_stress(voigt=True))
     frame.calc = SinglePointCalculator(frame, **labels)
@@ -103,6 +106,7 @@ def sample_md(atoms, oracle, out: str | os.PathLike, frames: int, temperature: f
     interrupted run keeps what it labelled.
     """
     from ase import units
+    from ase.constraints import FixCom
     from ase.md.langevin import Langevin
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
     from ase.optimize import BFGS
@@ -123,8 +127,9 @@ def sample_md(atoms, oracle, out: str | os.PathLike, frames: int, temperature: f
     rng = np.random.default_rng(seed)
     MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=rng)
     Stationary(atoms)
+    atoms.set_constraint(FixCom())       # ASE's advice over Langevin(fixcm=True), which is deprecated
     dyn = Langevin(atoms, timestep * units.fs, temperature_K=temperature, friction=friction / units.fs,
-                   rng=rng)
+                   fixcm=False, rng=rng)
     out = os.fspath(out)
     if os.path.exists(out):
         raise InputError(f"out: {out!r} already exists; choose a new file (labels are appended, "
