@@ -3,9 +3,10 @@
 Each benchmark runs as its own ``mlmd bench NAME`` process, one after the other (two torch
 processes on one small machine slow each other several-fold, so nothing runs beside them).
 Its output is kept in ``OUT/NAME.log``, its plots are copied to ``benchmarks/figures/``, and
-the block between the markers below in BENCHMARKS.md is replaced by the latest run: for
-every benchmark the exact command, its wall time, the tail of its printed tables and its
-plots. The hand-written sections around the block (the analysis of earlier runs) are kept.
+the block between the markers below in BENCHMARKS.md holds the latest run of each: the exact
+command, when it ran and how long it took, the tail of its printed tables and its plots.  A
+run of some benchmarks (``--only``) replaces their parts and keeps the others'. The
+hand-written sections around the block (the analysis of earlier runs) are kept.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BEGIN = "<!-- mlmd bench all: begin (generated; edit outside this block) -->"
 END = "<!-- mlmd bench all: end -->"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_PROGRESS = re.compile(r"\d+%\|")          # a tqdm bar: "loop in engine:  92%|████ | 553/600 [...]"
 
 
 def sections(out: str) -> List[Dict]:
@@ -75,7 +77,7 @@ def run_section(section: Dict, out: str) -> Dict:
 
 def _tail(text: str, lines: int) -> str:
     kept = [line.rstrip() for line in text.splitlines()
-            if line.strip() and "Warning" not in line and "warnings.warn" not in line and "\r" not in line]
+            if line.strip() and "Warning" not in line and "warnings.warn" not in line and not _PROGRESS.search(line)]
     return "\n".join(kept[-lines:])
 
 
@@ -91,22 +93,74 @@ def _copy_plots(section: Dict, figures: str) -> List[str]:
     return copied
 
 
-def report_block(results: Sequence[Dict], started: str) -> str:
+def _section_markers(name: str):
+    return f"<!-- bench {name} -->", f"<!-- /bench {name} -->"
+
+
+def section_text(result: Dict, started: str) -> str:
+    """One benchmark's part of the block: title, exact command, when and how long, the tail
+    of its printed tables and its plots, between its own markers."""
+    section = result["section"]
+    begin, end = _section_markers(section["name"])
+    status = "" if result["returncode"] == 0 else f" — **exited {result['returncode']}**, see `{result['log_path']}`"
+    lines = [begin, f"### {section['title']}", "",
+             f"`mlmd bench {' '.join(section['args'])}` (run {started}, {result['wall_s'] / 60:.1f} min){status}", "",
+             "```text", _tail(result["log"], section.get("tail", 40)), "```", ""]
+    lines += [f"![{section['name']}]({path})" for path in result["plots"]]
+    if result["plots"]:
+        lines.append("")
+    lines.append(end)
+    return "\n".join(lines)
+
+
+def previous_sections(block: str) -> Dict[str, str]:
+    """name -> text of each benchmark's part in an earlier block, so that a run of some
+    benchmarks (``--only``) keeps the latest results of the others.  A block written before
+    the per-benchmark markers is split at its ``### title`` lines."""
+    found = {}
+    for name in [s["name"] for s in sections("")] + re.findall(r"<!-- bench (\S+) -->", block):
+        begin, end = _section_markers(name)
+        if begin in block and end in block:
+            found[name] = begin + block.split(begin, 1)[1].split(end, 1)[0] + end
+    if found:
+        return found
+    titles = {s["title"]: s["name"] for s in sections("")}
+    date = re.search(r"## Latest `mlmd bench all` run \(([^)]*)\)", block)
+    parts = re.split(r"^(?=### )", block, flags=re.M)
+    for part in parts[1:]:
+        title = part.splitlines()[0][4:].strip()
+        if title in titles:
+            if date:      # that block gave one date for all: each part now says it
+                part = re.sub(r"^(`mlmd bench [^`]*`) \(", rf"\1 (run {date.group(1)}, ", part, count=1, flags=re.M)
+            begin, end = _section_markers(titles[title])
+            found[titles[title]] = f"{begin}\n{part.rstrip()}\n{end}"
+    return found
+
+
+def current_block(path: str) -> str:
+    """The generated block of ``path`` ("" if none)."""
+    text = open(path).read() if os.path.exists(path) else ""
+    if BEGIN in text and END in text:
+        return text.split(BEGIN, 1)[1].split(END, 1)[0]
+    return ""
+
+
+def report_block(results: Sequence[Dict], started: str, previous: str = "") -> str:
+    """The generated block: the benchmarks of ``results`` as run now, the others as they were
+    in ``previous`` (an earlier block), in the order of :func:`sections`."""
     import torch
 
-    lines = [BEGIN, "", f"## Latest `mlmd bench all` run ({started})", "",
-             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads by default; no GPU unless a row says so. "
-             "Each benchmark ran alone, in the order below.", ""]
+    parts = previous_sections(previous)
     for r in results:
-        section = r["section"]
-        status = "" if r["returncode"] == 0 else f" — **exited {r['returncode']}**, see `{r['log_path']}`"
-        lines += [f"### {section['title']}", "",
-                  f"`mlmd bench {' '.join(section['args'])}` ({r['wall_s'] / 60:.1f} min){status}", "",
-                  "```text", _tail(r["log"], section.get("tail", 40)), "```", ""]
-        lines += [f"![{section['name']}]({path})" for path in r["plots"]]
-        if r["plots"]:
-            lines.append("")
+        parts[r["section"]["name"]] = section_text(r, started)
+    order = [s["name"] for s in sections("")]
+    names = [n for n in order if n in parts] + [n for n in parts if n not in order]
+    lines = [BEGIN, "", "## Latest `mlmd bench all` results", "",
+             f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}; torch {torch.__version__}, "
+             f"{torch.get_num_threads()} threads by default; no GPU unless a row says so. Each benchmark ran alone; "
+             "each part says when (`mlmd bench all --only NAME` reruns one and keeps the others).", ""]
+    for name in names:
+        lines += [parts[name], ""]
     lines.append(END)
     return "\n".join(lines)
 
@@ -140,6 +194,7 @@ def bench_all(out: str = os.path.join("runs", "bench_all"), report: str = os.pat
     figures = os.path.join(_ROOT, "benchmarks", "figures")
     os.makedirs(figures, exist_ok=True)
     started = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    previous = current_block(report)
     results = []
     for section in chosen:
         print(f"\n=== mlmd bench {' '.join(section['args'])}", flush=True)
@@ -148,7 +203,7 @@ def bench_all(out: str = os.path.join("runs", "bench_all"), report: str = os.pat
         result["plots"] = _copy_plots(section, figures)
         results.append(result)
         # written after every benchmark: an interrupted run keeps what it measured
-        write_report(report_block(results, started), report)
+        write_report(report_block(results, started, previous), report)
     failed = [r["section"]["name"] for r in results if r["returncode"] != 0]
     print(f"\nwrote {report}" + (f"; failed: {failed}" if failed else ""))
     return results

@@ -22,7 +22,39 @@ def test_report_block_replaced_and_hand_written_sections_kept(tmp_path):
     assert second.count(BEGIN) == 1 and second.count(END) == 1
     assert "| 1 | 2 |" not in second and "| 3 | 4 |" in second
     assert "keep me" in second and "keep me too" in second
-    assert "exited 1" in second and "(second)" in second
+    assert "exited 1" in second and "run second" in second
+
+
+def test_a_partial_run_keeps_the_other_benchmarks_latest_results(tmp_path):
+    from mlmd.bench_all import current_block
+
+    report = tmp_path / "BENCHMARKS.md"
+    write_report(report_block([_result("neighbors", "| vesin 1 |"), _result("md", "| md 1 |")], "first"), str(report))
+    write_report(report_block([_result("md", "| md 2 |")], "second", current_block(str(report))), str(report))
+    text = report.read_text()
+    assert "| vesin 1 |" in text and "| md 2 |" in text and "| md 1 |" not in text
+    assert "run first" in text and "run second" in text
+    assert text.index("| vesin 1 |") < text.index("| md 2 |")       # the order of `mlmd bench all`
+    assert text.count("<!-- bench md -->") == 1 and text.count("<!-- bench neighbors -->") == 1
+
+
+def test_a_block_without_per_benchmark_markers_is_split_at_its_titles():
+    from mlmd.bench_all import previous_sections, sections
+
+    titles = {s["name"]: s["title"] for s in sections("")}
+    old = (f"\n## Latest run\n\nMachine: x\n\n### {titles['neighbors']}\n\n```text\n| n |\n```\n\n"
+           f"### {titles['models']}\n\n```text\n| m |\n```\n")
+    found = previous_sections(old)
+    assert sorted(found) == ["models", "neighbors"]
+    assert "| n |" in found["neighbors"] and "| m |" not in found["neighbors"] and "| m |" in found["models"]
+
+
+def test_progress_bars_and_warnings_stay_out_of_the_report():
+    from mlmd.bench_all import _tail
+
+    log = ("loop:  50%|█████     | 300/600 [01:00<01:00,  5.00it/s]\rloop: 100%|██████████| 600/600 [02:00<00:00]\n"
+           "x.py:1: FutureWarning: old\n  warnings.warn(msg)\n| arm | labels |\n| loop | 64 |\n")
+    assert _tail(log, 40) == "| arm | labels |\n| loop | 64 |"
 
 
 def test_unknown_benchmark_names_are_refused(tmp_path):
