@@ -35,6 +35,32 @@ def test_export_then_load_in_fresh_process_is_bitwise(tmp_path, ethanol):
             assert np.array_equal(there[key], here[key]), f"{key} differs after reload ({dtype})"
 
 
+def test_shipped_committees_give_the_same_numbers_under_torchscripts_legacy_executor(tmp_path):
+    """Some codes switch TorchScript to its legacy executor for the whole process
+    (torch._C._jit_set_profiling_executor(False)); the shipped files must run there too."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    models = [os.path.join(root, "systems", "copper", "copper_committee.pt"),
+              os.path.join(root, "systems", "ethanol", "ethanol_committee.pt")]
+    script = (
+        "import sys, torch\n"
+        "torch._C._jit_set_profiling_executor(False)\n"
+        "import numpy as np, mlmd\n"
+        "from mlmd import testing\n"
+        "for index, path in enumerate(sys.argv[2:]):\n"
+        "    pot = mlmd.load(path)\n"
+        "    atoms = testing.example_atoms(pot)\n"
+        "    outs = [pot.compute_atoms(atoms) for _ in range(3)]\n"      # past the executor's first runs
+        "    np.savez(f'{sys.argv[1]}/{index}.npz', **outs[-1])\n")
+    subprocess.run([sys.executable, "-c", script, str(tmp_path), *models], check=True)
+    from mlmd import testing
+    for index, path in enumerate(models):
+        pot = mlmd.load(path)
+        here = pot.compute_atoms(testing.example_atoms(pot))
+        there = np.load(tmp_path / f"{index}.npz")
+        for key in ("energy", "forces", "uncertainty"):
+            np.testing.assert_allclose(there[key], here[key], rtol=1e-5, atol=1e-5)
+
+
 def test_metadata_and_info_command(model_file):
     pot = mlmd.load(model_file)
     meta = pot.metadata

@@ -120,14 +120,12 @@ class MemberLayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(members, channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        mean = x.mean(dim=-1, keepdim=True)
-        var = (x - mean).pow(2).mean(dim=-1, keepdim=True)
-        y = (x - mean) * torch.rsqrt(var + 1e-5)
-        view: List[int] = [x.shape[0]]
-        for _ in range(x.dim() - 2):
-            view.append(1)
-        view.append(x.shape[-1])
-        return y * self.gain.reshape(view) + self.bias.reshape(view)
+        # on [M, rows, C]: a shape list built in a loop broke under TorchScript's legacy executor
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])
+        mean = flat.mean(dim=-1, keepdim=True)
+        var = (flat - mean).pow(2).mean(dim=-1, keepdim=True)
+        y = (flat - mean) * torch.rsqrt(var + 1e-5)
+        return (y * self.gain.unsqueeze(1) + self.bias.unsqueeze(1)).reshape(x.shape)
 
 
 class PonitaLayer(nn.Module):
