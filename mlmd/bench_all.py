@@ -115,25 +115,12 @@ def section_text(result: Dict, started: str) -> str:
 
 def previous_sections(block: str) -> Dict[str, str]:
     """name -> text of each benchmark's part in an earlier block, so that a run of some
-    benchmarks (``--only``) keeps the latest results of the others.  A block written before
-    the per-benchmark markers is split at its ``### title`` lines."""
+    benchmarks (``--only``) keeps the latest results of the others."""
     found = {}
-    for name in [s["name"] for s in sections("")] + re.findall(r"<!-- bench (\S+) -->", block):
+    for name in re.findall(r"<!-- bench (\S+) -->", block):
         begin, end = _section_markers(name)
-        if begin in block and end in block:
+        if end in block:
             found[name] = begin + block.split(begin, 1)[1].split(end, 1)[0] + end
-    if found:
-        return found
-    titles = {s["title"]: s["name"] for s in sections("")}
-    date = re.search(r"## Latest `mlmd bench all` run \(([^)]*)\)", block)
-    parts = re.split(r"^(?=### )", block, flags=re.M)
-    for part in parts[1:]:
-        title = part.splitlines()[0][4:].strip()
-        if title in titles:
-            if date:      # that block gave one date for all: each part now says it
-                part = re.sub(r"^(`mlmd bench [^`]*`) \(", rf"\1 (run {date.group(1)}, ", part, count=1, flags=re.M)
-            begin, end = _section_markers(titles[title])
-            found[titles[title]] = f"{begin}\n{part.rstrip()}\n{end}"
     return found
 
 

@@ -88,9 +88,9 @@ def _cmd_import_mace(args) -> int:
     print(f"wrote {path}: {len(args.models)} MACE model(s) as one mlmd committee file (check it: mlmd audit {path})")
     if args.calibrate:
         from .models.data import read_dataset
-        from .models.train import calibrate_on
+        from .uncertainty import calibrate_file
 
-        calibration = calibrate_on(path, read_dataset(args.calibrate), len(args.models))
+        calibration = calibrate_file(path, read_dataset(args.calibrate))
         if calibration:
             print(f"σ calibration factor {calibration['factor']:.3f} on {calibration['frames']} frames of "
                   f"{args.calibrate}")

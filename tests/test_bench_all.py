@@ -38,17 +38,6 @@ def test_a_partial_run_keeps_the_other_benchmarks_latest_results(tmp_path):
     assert text.count("<!-- bench md -->") == 1 and text.count("<!-- bench neighbors -->") == 1
 
 
-def test_a_block_without_per_benchmark_markers_is_split_at_its_titles():
-    from mlmd.bench_all import previous_sections, sections
-
-    titles = {s["name"]: s["title"] for s in sections("")}
-    old = (f"\n## Latest run\n\nMachine: x\n\n### {titles['neighbors']}\n\n```text\n| n |\n```\n\n"
-           f"### {titles['models']}\n\n```text\n| m |\n```\n")
-    found = previous_sections(old)
-    assert sorted(found) == ["models", "neighbors"]
-    assert "| n |" in found["neighbors"] and "| m |" not in found["neighbors"] and "| m |" in found["models"]
-
-
 def test_progress_bars_and_warnings_stay_out_of_the_report():
     from mlmd.bench_all import _tail
 

@@ -89,18 +89,16 @@ def train_initial(paths: Dict, folder: str, n_train: int, epochs: int = 300, hyp
 def calibrated_initial(model_path: str, val_path: str) -> str:
     """The committee at ``model_path`` with its σ calibrated on the frames of ``val_path`` (so that
     the trust levels mean the same before and after the first retraining); cached next to it."""
-    import mlmd
+    import shutil
+
     from ..models.data import read_dataset
-    from ..potential import export
-    from ..uncertainty import calibrate
-    from .finetune import trainable_from_potential
+    from ..uncertainty import calibrate_file
 
     path = os.path.join(os.path.dirname(model_path), "calibrated.pt")
     if not os.path.isfile(path):
-        pot = mlmd.load(model_path)
-        factor = calibrate(pot, read_dataset(val_path)).factor
-        model, _ = trainable_from_potential(pot)
-        export(model, path, dict(pot.metadata), dtype=pot.metadata[keys.META_DTYPE], calibration_factor=factor)
+        shutil.copyfile(model_path, path + ".tmp")
+        calibrate_file(path + ".tmp", read_dataset(val_path))
+        os.replace(path + ".tmp", path)
     return path
 
 

@@ -111,8 +111,8 @@ class RetrainingHook:
         ``finetune`` overrides the hook's settings for this one retraining (e.g. a longer final
         refit after the run, when MD no longer waits for it)."""
         from ..models.data import fingerprint
-        from ..potential import export, set_calibration
-        from ..uncertainty import calibrate
+        from ..potential import export
+        from ..uncertainty import calibrate_file
 
         start = time.perf_counter()
         train, val = self.split_frames()
@@ -130,19 +130,16 @@ class RetrainingHook:
         path = os.path.join(self.workdir, "models", f"generation_{generation:03d}.pt")
         dtype = self.potential.metadata[keys.META_DTYPE]
         export(model, path, meta, dtype=dtype)
+        calibration = calibrate_file(path, val)
         potential = as_potential(path)
-        calibration = None
-        if val:
-            calibration = calibrate(potential, val)
-            potential = as_potential(set_calibration(path, calibration.factor))
         record = {"generation": generation, "model": path, "labels": len(self.labels),
                   "requested": requested, "failed": failed, "train_frames": len(train), "val_frames": len(val),
                   "label_s": round(label_seconds, 2), "train_s": round(time.perf_counter() - start, 2),
                   "loss_first": [m["loss_first"] for m in stats["members"]],
                   "loss_last": [m["loss_last"] for m in stats["members"]],
                   "time": time.time()}
-        if calibration is not None:
-            record["calibration"] = calibration.summary()
+        if calibration:
+            record["calibration"] = calibration
         self.potential = potential
         self.state.update(generation=generation, model=path, trained_labels=len(self.labels))
         self.state["history"].append(record)

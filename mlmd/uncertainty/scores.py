@@ -134,6 +134,21 @@ def calibrate(potential, frames: Sequence) -> Calibration:
     return fit_calibration(**committee_errors(potential, frames))
 
 
+def calibrate_file(path, frames: Sequence) -> Dict:
+    """Fit the calibration factor of the committee file ``path`` on labelled ``frames`` (held
+    out from training) and write it into the file; returns the calibration summary, {} for a
+    single model or no frames."""
+    from ..potential import as_potential, set_calibration
+
+    potential = as_potential(path)
+    frames = list(frames)
+    if potential.committee_size < 2 or not frames:
+        return {}
+    calibration = calibrate(potential, frames)
+    set_calibration(path, calibration.factor)
+    return calibration.summary()
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     """Spearman rank correlation (scipy's, average ranks for ties)."""
     from scipy.stats import spearmanr

@@ -91,12 +91,12 @@ def main(argv=None):
                                  "train_wall_s": float(sum(walls)), "mace_run_train": hyper})
     # σ calibrated on the validation frames, as `mlmd train` does for the built-in committee
     from mlmd.models.data import read_dataset
-    from mlmd.models.train import calibrate_on
+    from mlmd.uncertainty import calibrate_file
 
     with open(os.path.join(HERE, "metrics.json")) as handle:
         val_indices = json.load(handle)["split"]["val"]
     frames = read_dataset(os.path.join(HERE, "data.extxyz"))
-    calibration = calibrate_on(path, [frames[i] for i in val_indices], args.committee)
+    calibration = calibrate_file(path, [frames[i] for i in val_indices])
     potential = mlmd.load(path)
     force_errors, energy_errors = [], []
     for atoms in test:
