@@ -404,10 +404,9 @@ def bench_models(models: Dict[str, str], test_frames, md_atoms, timestep: float 
     of ``steps``), both also as a multiple of the first model's. Prints a markdown table.
 
     MD is timed first, on a freshly loaded module, as ``mlmd run`` sees it, and again after the
-    test frames.  TorchScript's profiling executor optimises the graph for the shapes it meets
-    first: a built-in module that evaluated 100 32-atom frames before its first 108-atom MD
-    step ran MD at about 140 ms/step instead of 60 (earlier versions of this benchmark timed
-    MD last and measured that).
+    test frames: a built-in module that evaluated 100 32-atom frames before its first 108-atom
+    MD step ran MD at about 130 ms/step instead of 60 (benchmarks/executor_warmup.py; earlier
+    versions of this benchmark timed MD last and measured that).
     """
     from .potential import load
 
