@@ -8,7 +8,7 @@ ETHANOL_DIR = os.path.join(ROOT, "systems", "ethanol")
 SHIPPED_MODEL = os.path.join(ETHANOL_DIR, "ethanol_committee.pt")
 ETHANOL_DATA = os.path.join(ETHANOL_DIR, "data.extxyz")
 
-SMALL_HP = {"channels": 16, "layers": 2, "grid": 12, "basis_width": 16, "cutoff": 4.0}
+SMALL_HP = {"channels": 16, "layers": 2, "degree": 2, "radial_width": 16, "cutoff": 4.0}
 
 
 def make_model(committee=1, seed=0, hyperparameters=None, species=(1, 6, 8)):

@@ -1,5 +1,6 @@
 """`mlmd audit` passes a sound model and flags deliberately broken ones: forces that are not the
 gradient of the energy, and a model that ignores the periodic images (the pair shifts)."""
+import os
 from typing import Dict
 
 import numpy as np
@@ -7,12 +8,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import mlmd
 from mlmd import keys
 from mlmd.cli import main as mlmd_main
 from mlmd.models.forces import edge_forces
 from mlmd.models.pair import MorsePotential
 from mlmd.potential import export
-from mlmd.testing import audit
+from mlmd.testing import audit, check_rotation_invariance, example_atoms
 
 
 class ScaledForcesMorse(MorsePotential):
@@ -84,3 +86,22 @@ def test_audit_passes_a_sound_model_and_flags_broken_ones(tmp_path, copper_frame
     assert mlmd_main(["audit", str(sound)]) == 0
     assert mlmd_main(["audit", no_shifts]) == 1
     assert "verdict: FAIL" in capsys.readouterr().out
+
+
+GRID_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "grid_copper_committee.pt")
+
+
+def test_audit_fails_the_grid_based_model_on_rotation_and_reports_the_virial():
+    """tests/data/grid_copper_committee.pt is the copper committee mlmd 0.1 shipped, whose S^2 grid
+    was fixed in the lab frame: the audit fails it on rotation (0.03 eV/Å against 1e-4 allowed) and
+    reports the antisymmetric virial it gives a crystal (0.4 eV)."""
+    report = audit(GRID_FILE, n_rotations=10, print_report=False)
+    rows = {name.split(",")[0]: (status, text) for name, status, text in report["checks"]}
+    print("grid-based copper, rotation:", rows["rotation"])
+    assert report["verdict"] == "fail"
+    assert rows["rotation"][0] == "FAIL" and "not invariant" in rows["rotation"][1]
+    errors = check_rotation_invariance(mlmd.load(GRID_FILE).with_dtype("float64"),
+                                       example_atoms(mlmd.load(GRID_FILE)), n_rotations=10)
+    assert errors["virial_antisymmetric"] > 0.01
+    # everything else of the old file is sound: it is the rotation alone that fails
+    assert {name for name, (status, _) in rows.items() if status == "FAIL"} == {"rotation"}

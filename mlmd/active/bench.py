@@ -79,7 +79,7 @@ def train_initial(paths: Dict, folder: str, n_train: int, epochs: int = 300, hyp
     ase.io.write(os.path.join(folder, "train.extxyz"), train_frames[:n_train], format="extxyz")
     both = os.path.join(folder, "data.extxyz")
     ase.io.write(both, train_frames[:n_train] + val_frames, format="extxyz")
-    hp = dict(hyperparameters or {"channels": 16, "layers": 2, "grid": 12})
+    hp = dict(hyperparameters or {"channels": 16, "layers": 2})
     config = TrainConfig(data=both, out=folder, committee=4, epochs=epochs, n_train=n_train, n_val=len(val_frames),
                          n_test=0, warmup_epochs=10, patience=epochs, hyperparameters=hp, progress=progress)
     train(config)

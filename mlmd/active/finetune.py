@@ -51,15 +51,22 @@ def trainable_from_potential(potential) -> Tuple[torch.nn.Module, Dict]:
     for name in ("energy_scale", "avg_num_neighbors"):
         if name not in training:
             raise InputError(f"model: the file's metadata lacks training.{name}; re-export it with this mlmd")
-    state = {k[len("model."):]: v.detach().clone().float() for k, v in potential.module.state_dict().items()
-             if k.startswith("model.")}
+    # float weights to float32 for training; the integer buffers (species map, the sphere's constants) as they are
+    state = {k[len("model."):]: (v.detach().clone().float() if v.is_floating_point() else v.detach().clone())
+             for k, v in potential.module.state_dict().items() if k.startswith("model.")}
     init = {"species": [int(z) for z in meta[keys.META_SPECIES]], "committee": int(meta[keys.META_COMMITTEE]),
             "seed": 0, "hyperparameters": dict(meta[keys.META_HYPER]),
             "energy_shift": state["energy_shift"].tolist(), "energy_scale": float(training["energy_scale"]),
             "avg_num_neighbors": float(training["avg_num_neighbors"]),
             "force_std": float(training.get("data_force_std_eV_per_A", training["energy_scale"]))}
     model = build_model(init)
-    model.load_state_dict(state)
+    # the weights and E0 come from the file; the sphere's constants follow from the hyper-parameters
+    learned = [name for name, _ in model.named_parameters()] + ["energy_shift"]
+    missing = [name for name in learned if name not in state]
+    if missing:
+        raise InputError(f"model: the file lacks the weights {missing[:3]} of this model family; "
+                         "retrain it with `mlmd train`")
+    model.load_state_dict({name: state[name] for name in learned}, strict=False)
     return model, init
 
 
@@ -90,12 +97,12 @@ def finetune_members(init: Dict, state: Dict[str, torch.Tensor], frames: Sequenc
     {"loss_first", "loss_last", "seconds"}).  A plain function of data, so it runs in a Dask
     worker as well as in process.
 
-    AdamW at ``lr`` with a linear warm-up and a cosine decay to 1 % over ``epochs``, random rotations of each batch,
+    AdamW at ``lr`` with a linear warm-up and a cosine decay to 1 % over ``epochs``,
     the training loss of :mod:`mlmd.models.train`; each member uses its own shuffling seed.
     """
     import time
 
-    from ..models.train import Graphs, TrainConfig, build_model, optimizer_step, rotate_batch
+    from ..models.train import Graphs, TrainConfig, build_model, optimizer_step
 
     config.validate()
     if threads:
@@ -129,7 +136,6 @@ def finetune_members(init: Dict, state: Dict[str, torch.Tensor], frames: Sequenc
         running = 0.0
         for lo in range(0, len(order), config.batch_size):
             batch = graphs.batch(order[lo:lo + config.batch_size].tolist())
-            rotate_batch(batch, generator)
             running += optimizer_step(model, batch, scale, loss_config, None, optimizer, scheduler) / len(members)
         losses.append(running / steps_per_epoch)
     model.eval()

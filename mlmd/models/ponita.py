@@ -1,37 +1,48 @@
-"""PONITA-style equivariant potential on position-orientation space R^3 x S^2.
+"""PONITA-style potential on position-orientation space R^3 x S^2, exactly E(3) invariant.
 
-Following Bekkers et al., "Fast, Expressive SE(n) Equivariant Networks through
-Weight-Sharing in Position-Orientation Space": every atom carries a feature map over a
-grid of orientations o in S^2, ``x_i(o) in R^C``.  Messages are conditioned on the
-bi-invariant attributes of the point pair (x_i, o) <- (x_j, o):
+Following Bekkers et al., "Fast, Expressive SE(n) Equivariant Networks through Weight-Sharing
+in Position-Orientation Space": an atom i sees its neighbours as a signal over orientations
+o in S^2, built with kernels shared over the bi-invariant attributes of the pair
+(x_i, o) <- (x_j, o), here the distance r_ij and the cosine o . d_ij / r_ij:
 
-    a1 = o . d_ij              (component of d along o)
-    a2 = |d_ij - (o . d_ij) o|  (distance perpendicular to o)
+    a_i(o) = 1/<n> sum_j  k_l(r_ij, o . d_ij / r_ij) * s_j           (C channels, per layer)
+           = 1/<n> sum_j  sum_{l<=L} R_lc(r_ij) P_l(o . d_ij / r_ij) s_jc
 
-which we feed as the equivalent smooth pair (r = |d|, cos = o . d / r) through a radial
-Bessel basis and Legendre polynomials, and the orientation pair (o, o') through
-o . o'.  A layer is PONITA's separable group convolution:
+The earlier version of this model sampled o on a 16-point grid fixed in the lab frame and
+applied MLPs point by point: invariant only as the grid becomes infinitely fine (measured
+on the shipped files: 2-9 meV/atom and up to 0.17 eV/Å under rotation, more than the
+models' own test error).  Here every operation on the sphere is exact:
 
-    spatial    y_i(o)  = 1/<n> sum_j k_l(r_ij, o . d_ij) * x_j(o)      (depthwise, C)
-    spherical  z_i(o)  = 1/|G| sum_o' q_l(o . o') * y_i(o')            (depthwise, C)
-    update     x_i(o) += MLP(LayerNorm(W z_i(o) + b))                   (pointwise)
+1. The kernel is a polynomial of degree L in o, so a_i is band-limited: by the addition
+   theorem P_l(o . d) = 4pi/(2l+1) sum_m Y_lm(o) Y_lm(d), its real spherical-harmonic
+   coefficients are A_i,lm,c = 1/<n> sum_j R_lc(r_ij) Y_lm(d_ij) s_jc (the constant folded
+   into R).  Rotating the molecule rotates each degree l of A by its Wigner matrix.
+2. Channel mixing per degree (A_l W_l, one C x C matrix per l and per factor) commutes
+   with that rotation; it stands in for PONITA's depthwise spherical convolution, which by
+   Funk-Hecke is a per-degree scaling of the same coefficients.
+3. The nonlinearity on the sphere is a polynomial: products of the mixed signals taken
+   point by point, u_1(o) u_2(o) ... u_k(o) for k = 1..nu (the sphere's version of MACE's
+   symmetric contraction, a body order up to nu + 1 per layer), integrated over S^2:
 
-Energies: e_i = scale * mean_o readout(x_i(o)) + E0[Z_i]; E = sum_i e_i; forces are
--dE/dx by autograd.  Kernels carry a polynomial cutoff envelope so that energy and
-forces are continuous (C^2) at the cutoff.
+       B_i,k,c = int_{S^2} prod_{t<=k} u_t,c(o) do = sum_q w_q prod_t u_t,c(o_q)
 
-The invariance to rotations is exact only in the limit of an infinitely fine grid; the
-error for a finite grid is measured by :func:`mlmd.testing.rotation_invariance_error`.
-Translations and permutations are exact (only relative vectors and sums are used).
+   The integrand is a polynomial of degree k L <= nu L, and (o_q, w_q) is a Lebedev rule
+   exact to at least that degree, so the sum equals the integral: B is invariant under
+   every rotation and reflection to float round-off (measured: ~1e-15 relative in float64).
+4. Everything after B works on invariants: h_i += MLP([h_i, B_i]) (receiver-dependent
+   through h_i), messages s_j = W h_j for the next layer, energies e_i = sum_t readout_t(h_i^t).
 
-Committees: every weight has a leading member axis M and all members run in one
-batched pass on one set of pairs (``torch.baddbmm``), so a committee of 4 costs far
-less than 4 single models.
+Energies: e_i * scale + E0[Z_i]; E = sum_i e_i; forces are -dE/dx by autograd.  R carries a
+polynomial cutoff envelope so that energy and forces are continuous (C^2) at the cutoff.
+Translations and permutations are exact (relative vectors and sums only).
+
+Committees: every weight has a leading member axis M and all members run in one batched
+pass on one set of pairs (``torch.bmm``), so a committee of 4 costs far less than 4 models.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -41,40 +52,93 @@ from .forces import edge_forces
 
 DEFAULT_HYPERPARAMETERS: Dict[str, float] = {
     "cutoff": 5.0,          # Å
-    "channels": 32,         # C, features per orientation
-    "layers": 3,
-    "grid": 16,             # orientations on S^2
+    "channels": 32,         # C, features per atom (and per point of its sphere signal)
+    "layers": 2,
+    "degree": 3,            # L, spherical-harmonic degree of the kernel in o . d / r
+    "correlation": 3,       # nu, highest product of sphere signals integrated (body order nu + 1)
     "radial_basis": 8,      # Bessel functions
-    "angular_degree": 4,    # Legendre degree in o . d / r
-    "spherical_degree": 3,  # Legendre degree in o . o'
-    "basis_width": 32,      # width of the shared kernel-basis MLP
+    "radial_width": 64,     # hidden width of the radial MLP
     "envelope_exponent": 6,
 }
 
-
-def fibonacci_sphere(n: int) -> np.ndarray:
-    """[n, 3] unit vectors spread quasi-uniformly over S^2 (golden-angle spiral)."""
-    if n < 1:
-        raise ValueError(f"grid: need at least 1 orientation, got {n}")
-    k = np.arange(n, dtype=np.float64) + 0.5
-    z = 1.0 - 2.0 * k / n
-    rho = np.sqrt(np.clip(1.0 - z * z, 0.0, None))
-    phi = math.pi * (1.0 + math.sqrt(5.0)) * k
-    return np.stack([rho * np.cos(phi), rho * np.sin(phi), z], axis=1)
+# the grid-based files (mlmd <= 0.1) had these; they cannot be rebuilt by this class
+_GRID_HYPERPARAMETERS = ("grid", "angular_degree", "spherical_degree", "basis_width")
 
 
-def legendre(x: Tensor, degree: int) -> Tensor:
-    """Legendre polynomials P_1..P_degree of x, stacked on a new last axis."""
-    polys: List[Tensor] = []
-    p_prev = torch.ones_like(x)
-    p = x
-    polys.append(p)
-    for n in range(1, degree):
-        p_next = ((2 * n + 1) * x * p - n * p_prev) / (n + 1)
-        p_prev = p
-        p = p_next
-        polys.append(p)
-    return torch.stack(polys, dim=-1)
+def check_hyperparameters(hyperparameters: Optional[Dict[str, float]]) -> Dict[str, float]:
+    """The full hyper-parameter dict, or a ValueError that names the unknown keys."""
+    hp = dict(DEFAULT_HYPERPARAMETERS)
+    if hyperparameters:
+        unknown = set(hyperparameters) - set(hp)
+        if unknown & set(_GRID_HYPERPARAMETERS):
+            raise ValueError(f"hyperparameters: {sorted(unknown)} belong to the grid-based model of mlmd 0.1, "
+                             "which was not rotation invariant; retrain with `mlmd train` (known keys: "
+                             f"{sorted(hp)})")
+        if unknown:
+            raise ValueError(f"hyperparameters: unknown keys {sorted(unknown)}; known: {sorted(hp)}")
+        hp.update(hyperparameters)
+    if int(hp["degree"]) < 0 or int(hp["correlation"]) < 1 or int(hp["layers"]) < 1 or int(hp["channels"]) < 1:
+        raise ValueError(f"hyperparameters: need degree >= 0, correlation >= 1, layers >= 1, channels >= 1; "
+                         f"got {hp}")
+    return hp
+
+
+def lebedev_rule(min_degree: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The smallest Lebedev rule exact for polynomials of degree ``min_degree`` on S^2:
+    points [Q,3] (unit vectors) and weights [Q] summing to 4 pi."""
+    from scipy.integrate import lebedev_rule as scipy_rule
+
+    order = max(3, min_degree + (1 - min_degree % 2))    # Lebedev orders are odd
+    points, weights = scipy_rule(order)
+    return np.ascontiguousarray(points.T), np.asarray(weights)
+
+
+def real_spherical_harmonics(u: Tensor, degree: int) -> Tensor:
+    """Orthonormal real spherical harmonics Y_lm of unit vectors u [..., 3], for l = 0..degree,
+    m = -l..l, stacked on the last axis [..., (degree+1)^2] (index l^2 + l + m).
+
+    Polynomials in (x, y, z), so smooth everywhere (no angles): Y_lm = N_lm Q_l^|m|(z) C_|m|
+    (m >= 0) or N_lm Q_l^|m|(z) S_|m| (m < 0), with C_m + i S_m = (x + i y)^m and Q_l^m the
+    associated Legendre function divided by (1 - z^2)^(m/2).
+    """
+    x = u[..., 0]
+    y = u[..., 1]
+    z = u[..., 2]
+    cos_m: List[Tensor] = [torch.ones_like(x)]
+    sin_m: List[Tensor] = [torch.zeros_like(x)]
+    for m in range(1, degree + 1):
+        cos_m.append(x * cos_m[m - 1] - y * sin_m[m - 1])
+        sin_m.append(x * sin_m[m - 1] + y * cos_m[m - 1])
+    # q[l][m], l = 0..degree, m = 0..l
+    q: List[List[Tensor]] = []
+    for l in range(degree + 1):
+        row: List[Tensor] = []
+        for m in range(l + 1):
+            if m == l:
+                double_factorial = 1.0
+                for k in range(1, 2 * m, 2):
+                    double_factorial *= float(k)
+                row.append(torch.full_like(z, double_factorial))
+            elif m == l - 1:
+                row.append((2 * m + 1) * z * q[m][m])
+            else:
+                row.append(((2 * l - 1) * z * q[l - 1][m] - (l + m - 1) * q[l - 2][m]) / float(l - m))
+        q.append(row)
+    out: List[Tensor] = []
+    for l in range(degree + 1):
+        for m in range(-l, l + 1):
+            a = abs(m)
+            ratio = 1.0
+            for k in range(l - a + 1, l + a + 1):
+                ratio /= float(k)                          # (l-|m|)! / (l+|m|)!
+            norm = math.sqrt((2 * l + 1) / (4.0 * math.pi) * ratio)
+            if m == 0:
+                out.append(norm * q[l][0])
+            elif m > 0:
+                out.append(math.sqrt(2.0) * norm * q[l][a] * cos_m[a])
+            else:
+                out.append(math.sqrt(2.0) * norm * q[l][a] * sin_m[a])
+    return torch.stack(out, dim=-1)
 
 
 class MemberLinear(nn.Module):
@@ -83,11 +147,12 @@ class MemberLinear(nn.Module):
     x: [M, ..., in] (or [1, ..., in], shared by all members) -> [M, ..., out]
     """
 
-    def __init__(self, members: int, n_in: int, n_out: int, bias: bool, generators: List[torch.Generator]):
+    def __init__(self, members: int, n_in: int, n_out: int, bias: bool, generators: List[torch.Generator],
+                 gain: float = 1.0):
         super().__init__()
         weight = torch.empty(members, n_in, n_out, dtype=torch.float64)
         for m, gen in enumerate(generators):
-            weight[m].normal_(0.0, 1.0 / math.sqrt(n_in), generator=gen)
+            weight[m].normal_(0.0, gain / math.sqrt(n_in), generator=gen)
         self.weight = nn.Parameter(weight.float())
         self.bias = nn.Parameter(torch.zeros(members, 1, n_out)) if bias else None
         self.n_in = n_in
@@ -128,25 +193,45 @@ class MemberLayerNorm(nn.Module):
         return (y * self.gain.unsqueeze(1) + self.bias.unsqueeze(1)).reshape(x.shape)
 
 
-class PonitaLayer(nn.Module):
-    """One separable convolution; its kernels come precomputed for all layers at once."""
+class SphereLayer(nn.Module):
+    """One interaction: neighbour signal on S^2 -> invariant products -> update of h."""
 
-    def __init__(self, members: int, channels: int, generators: List[torch.Generator]):
+    def __init__(self, members: int, channels: int, degree: int, correlation: int,
+                 generators: List[torch.Generator]):
         super().__init__()
-        self.mix = MemberLinear(members, channels, channels, True, generators)
-        self.norm = MemberLayerNorm(members, channels)
-        self.mlp_in = MemberLinear(members, channels, 2 * channels, True, generators)
-        self.mlp_out = MemberLinear(members, 2 * channels, channels, True, generators)
+        self.channels = channels
+        self.degree = degree
+        self.correlation = correlation
+        self.sender = MemberLinear(members, channels, channels, False, generators)
+        # per degree l: C -> nu C, the factors u_1..u_nu of the products
+        self.mix = nn.ModuleList([MemberLinear(members, channels, correlation * channels, False, generators)
+                                  for _ in range(degree + 1)])
+        self.norm = MemberLayerNorm(members, (correlation + 1) * channels)
+        self.update_in = MemberLinear(members, (correlation + 1) * channels, 2 * channels, True, generators)
+        self.update_out = MemberLinear(members, 2 * channels, channels, True, generators, gain=0.5)
 
-    def forward(self, x: Tensor, kernel: Tensor, sphere: Tensor, centre: Tensor,
-                neighbour: Tensor, inv_avg_neighbours: float) -> Tensor:
-        # x [M,N,O,C]; kernel [M,E,O,C]; sphere [M,O,O,C]
-        messages = kernel * torch.index_select(x, 1, neighbour)        # [M,E,O,C]
-        spatial = torch.zeros_like(x).index_add_(1, centre, messages) * inv_avg_neighbours
-        spherical = torch.einsum("mpqc,mnqc->mnpc", sphere, spatial) / float(sphere.shape[1])
-        update = self.norm(self.mix(spherical))
-        update = self.mlp_out(nn.functional.silu(self.mlp_in(update)))
-        return x + update
+    def forward(self, h: Tensor, radial: Tensor, harmonics: Tensor, neighbour: Tensor,
+                grid_harmonics: Tensor, grid_weights: Tensor, inv_avg_neighbours: float) -> Tensor:
+        """h [M,N,C]; radial [M,N,L+1,K,C] (R_lc of each atom's K neighbour slots, zero on empty
+        slots); harmonics [M,N,S,K]; neighbour [N*K]; grid_harmonics [Q,S]; grid_weights [Q]
+        -> new h [M,N,C]."""
+        members, n_atoms, c = h.shape[0], h.shape[1], self.channels
+        s = torch.index_select(self.sender(h), 1, neighbour).reshape(members, n_atoms, 1, -1, c)
+        weighted = radial * s                                               # [M,N,L+1,K,C]
+        # A_i,lm,c = sum_k Y_lm(k) R_lc(k) s_c(k): a matmul over the neighbour slots, per degree
+        mixed: List[Tensor] = []
+        for l, mix in enumerate(self.mix):
+            coefficients = torch.matmul(harmonics[:, :, l * l:(l + 1) * (l + 1)], weighted[:, :, l])
+            mixed.append(mix(coefficients * inv_avg_neighbours))           # [M,N,2l+1,nu C]
+        signal = torch.matmul(grid_harmonics, torch.cat(mixed, dim=2))     # [M,N,Q,nu C]
+        invariants: List[Tensor] = [h]
+        product = signal[..., 0:c]
+        invariants.append(torch.einsum("q,mnqc->mnc", grid_weights, product))
+        for k in range(1, self.correlation):
+            product = product * signal[..., k * c:(k + 1) * c]
+            invariants.append(torch.einsum("q,mnqc->mnc", grid_weights, product))
+        update = self.norm(torch.cat(invariants, dim=-1))
+        return h + self.update_out(nn.functional.silu(self.update_in(update)))
 
 
 class PonitaPotential(nn.Module):
@@ -160,52 +245,55 @@ class PonitaPotential(nn.Module):
                  energy_shift: Optional[List[float]] = None, energy_scale: float = 1.0,
                  avg_num_neighbors: float = 1.0):
         super().__init__()
-        hp = dict(DEFAULT_HYPERPARAMETERS)
-        if hyperparameters:
-            unknown = set(hyperparameters) - set(hp)
-            if unknown:
-                raise ValueError(f"hyperparameters: unknown keys {sorted(unknown)}; known: {sorted(hp)}")
-            hp.update(hyperparameters)
+        hp = check_hyperparameters(hyperparameters)
         self.hyperparameters = hp
         members = int(committee_size)
         if members < 1:
             raise ValueError(f"committee_size must be >= 1, got {committee_size}")
         channels = int(hp["channels"])
-        width = int(hp["basis_width"])
+        width = int(hp["radial_width"])
         self.species: List[int] = [int(z) for z in species]
         self.committee_size = members
         self.cutoff = float(hp["cutoff"])
         self.channels = channels
+        self.degree = int(hp["degree"])
+        self.correlation = int(hp["correlation"])
         self.radial_basis = int(hp["radial_basis"])
-        self.angular_degree = int(hp["angular_degree"])
-        self.spherical_degree = int(hp["spherical_degree"])
         self.envelope_exponent = int(hp["envelope_exponent"])
         self.inv_avg_neighbours = 1.0 / float(avg_num_neighbors)
         self.energy_scale = float(energy_scale)
+        self.n_layers = int(hp["layers"])
+        degree = self.degree
+
+        # constants of the sphere, each as a float32 pair (hi, lo) with hi + lo = the float64 value
+        # to 1e-14: both follow .to(dtype) exactly, so a float32 file turned float64 (an audit)
+        # still has an exact quadrature, which float32-rounded weights would not be
+        points, weights = lebedev_rule(self.correlation * degree)
+        constants = {"grid_harmonics": real_spherical_harmonics(torch.as_tensor(points), degree),   # [Q,S]
+                     "grid_weights": torch.as_tensor(weights),                                         # [Q]
+                     "bessel_frequencies": torch.arange(1, self.radial_basis + 1, dtype=torch.float64)
+                     * math.pi / self.cutoff}                                                         # [K] 1/Å
+        for name, value in constants.items():
+            hi = value.to(torch.float32)
+            self.register_buffer(name + "_hi", hi)
+            self.register_buffer(name + "_lo", (value - hi.double()).to(torch.float32))
 
         generators = [torch.Generator().manual_seed(int(seed) * 1000003 + m) for m in range(members)]
-        self.register_buffer("grid", torch.tensor(fibonacci_sphere(int(hp["grid"])), dtype=torch.float32))
         shift = torch.zeros(len(self.species)) if energy_shift is None else torch.tensor(energy_shift)
         self.register_buffer("energy_shift", shift.to(torch.float32))   # [S] eV, E0 per species
-        self.register_buffer("bessel_frequencies",
-                             torch.arange(1, self.radial_basis + 1, dtype=torch.float32) * math.pi / self.cutoff)
-
         embedding = torch.empty(members, len(self.species), channels, dtype=torch.float64)
         for m, gen in enumerate(generators):
             embedding[m].normal_(0.0, 1.0, generator=gen)
         self.embedding = nn.Parameter(embedding.float())
-        # shared kernel bases (PONITA: one basis embedding, a linear map per layer)
-        self.edge_radial = MemberLinear(members, self.radial_basis, width, True, generators)
-        self.edge_angular = MemberLinear(members, self.angular_degree, width, False, generators)
-        self.edge_hidden = MemberLinear(members, width, width, True, generators)
-        self.sphere_in = MemberLinear(members, self.spherical_degree, width, True, generators)
-        self.sphere_hidden = MemberLinear(members, width, width, True, generators)
-        n_layers = int(hp["layers"])
-        self.n_layers = n_layers
-        # the per-layer linear maps from the shared bases, stacked into one matmul each
-        self.spatial_kernels = MemberLinear(members, width, n_layers * channels, False, generators)
-        self.spherical_kernels = MemberLinear(members, width, n_layers * channels, False, generators)
-        self.layers = nn.ModuleList([PonitaLayer(members, channels, generators) for _ in range(n_layers)])
+        # one radial MLP for all layers: R_lc(r) of layer t in block t
+        self.radial_in = MemberLinear(members, self.radial_basis, width, True, generators)
+        self.radial_hidden = MemberLinear(members, width, width, True, generators)
+        self.radial_out = MemberLinear(members, width, self.n_layers * (degree + 1) * channels, False, generators)
+        self.layers = nn.ModuleList([SphereLayer(members, channels, degree, self.correlation, generators)
+                                     for _ in range(self.n_layers)])
+        # a linear readout of every layer but the last, an MLP of the last (as MACE)
+        self.readouts = nn.ModuleList([MemberLinear(members, channels, 1, False, generators)
+                                       for _ in range(self.n_layers - 1)])
         self.readout_hidden = MemberLinear(members, channels, channels, True, generators)
         self.readout_out = MemberLinear(members, channels, 1, True, generators)
 
@@ -228,34 +316,55 @@ class PonitaPotential(nn.Module):
         """
         members = self.committee_size
         n_atoms = species_index.shape[0]
-        centre = edge_index[0]
-        neighbour = edge_index[1]
-        grid = self.grid
-        r = torch.linalg.norm(edge_vectors, dim=-1)                         # [M,E]
-        unit = edge_vectors / r.unsqueeze(-1)
-        cos = torch.matmul(unit, grid.t())                                  # [M,E,O]
-        radial = torch.sin(r.unsqueeze(-1) * self.bessel_frequencies) / r.unsqueeze(-1)  # [M,E,K]
-        angular = legendre(cos, self.angular_degree)                        # [M,E,O,L]
-        hidden = self.edge_radial(radial).unsqueeze(2) + self.edge_angular(angular)
-        edge_basis = self.edge_hidden(nn.functional.silu(hidden))
-        edge_basis = edge_basis * self.envelope(r).unsqueeze(-1).unsqueeze(-1)   # [M,E,O,B]
-
-        sphere_cos = torch.matmul(grid, grid.t()).unsqueeze(0)             # [1,O,O]
-        sphere_basis = self.sphere_hidden(nn.functional.silu(
-            self.sphere_in(legendre(sphere_cos, self.spherical_degree))))  # [M,O,O,B]
-
-        n_grid = grid.shape[0]
-        x = torch.index_select(self.embedding, 1, species_index)           # [M,N,C]
-        x = x.unsqueeze(2).expand(members, n_atoms, n_grid, self.channels).contiguous()
-        kernels = self.spatial_kernels(edge_basis)                         # [M,E,O,L*C]
-        spheres = self.spherical_kernels(sphere_basis)                     # [M,O,O,L*C]
         c = self.channels
+        n_degrees = self.degree + 1
+        grid_harmonics = self.grid_harmonics_hi + self.grid_harmonics_lo
+        grid_weights = self.grid_weights_hi + self.grid_weights_lo
+        frequencies = self.bessel_frequencies_hi + self.bessel_frequencies_lo
+        vectors, neighbour, slots = self.pad_neighbours(edge_vectors, edge_index, n_atoms)   # [M,N*K,3]
+        r = torch.linalg.norm(vectors, dim=-1)                                        # [M,N*K]
+        harmonics = real_spherical_harmonics(vectors / r.unsqueeze(-1), self.degree)  # [M,N*K,S]
+        harmonics = harmonics.reshape(members, n_atoms, slots, -1).transpose(2, 3)    # [M,N,S,K]
+        bessel = torch.sin(r.unsqueeze(-1) * frequencies) / r.unsqueeze(-1)   # [M,N*K,B]
+        hidden = nn.functional.silu(self.radial_in(bessel))
+        hidden = nn.functional.silu(self.radial_hidden(hidden))
+        radial = self.radial_out(hidden) * self.envelope(r).unsqueeze(-1)             # [M,N*K,T*(L+1)*C]
+        radial = radial.reshape(members, n_atoms, slots, self.n_layers, n_degrees, c).permute(3, 0, 1, 4, 2, 5)
+
+        h = torch.index_select(self.embedding, 1, species_index)                     # [M,N,C]
+        atom_energy = torch.zeros((members, n_atoms), dtype=h.dtype, device=h.device)
         for index, layer in enumerate(self.layers):
-            x = layer(x, kernels[..., index * c:(index + 1) * c], spheres[..., index * c:(index + 1) * c],
-                      centre, neighbour, self.inv_avg_neighbours)
-        out = self.readout_out(nn.functional.silu(self.readout_hidden(x)))  # [M,N,O,1]
-        atom_energy = out.squeeze(-1).mean(dim=-1) * self.energy_scale
+            h = layer(h, radial[index], harmonics, neighbour, grid_harmonics, grid_weights,
+                      self.inv_avg_neighbours)
+            if index < self.n_layers - 1:
+                for k, readout in enumerate(self.readouts):
+                    if k == index:
+                        atom_energy = atom_energy + readout(h).squeeze(-1)
+        out = self.readout_out(nn.functional.silu(self.readout_hidden(h))).squeeze(-1)
+        atom_energy = (atom_energy + out) * self.energy_scale
         return atom_energy + torch.index_select(self.energy_shift, 0, species_index).unsqueeze(0)
+
+    def pad_neighbours(self, edge_vectors: Tensor, edge_index: Tensor, n_atoms: int) -> Tuple[Tensor, Tensor, int]:
+        """The pairs laid out as K slots per centre atom (K = the largest neighbour count), so
+        that sums over neighbours are matmuls instead of scatters of [E, S, C] tensors.
+
+        edge_vectors [M,E,3] -> vectors [M,N*K,3] (an empty slot holds a vector beyond the
+        cutoff, where every kernel is zero), neighbour [N*K] (atom j of each slot, 0 if empty), K.
+        """
+        members = edge_vectors.shape[0]
+        centre = edge_index[0]
+        counts = torch.bincount(centre, minlength=n_atoms)
+        slots = int(counts.max()) if centre.shape[0] > 0 else 1
+        order = torch.argsort(centre, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        sorted_centre = centre[order]
+        slot = sorted_centre * slots + torch.arange(centre.shape[0], device=centre.device) - starts[sorted_centre]
+        empty = torch.zeros((n_atoms * slots, 3), dtype=edge_vectors.dtype, device=edge_vectors.device)
+        empty[:, 0] = 2.0 * self.cutoff
+        vectors = empty.unsqueeze(0).repeat(members, 1, 1).index_copy(1, slot, edge_vectors[:, order])
+        neighbour = torch.zeros(n_atoms * slots, dtype=torch.long, device=centre.device).index_copy(
+            0, slot, edge_index[1][order])
+        return vectors, neighbour, slots
 
     @torch.jit.export
     def energy_and_forces(self, edge_vectors: Tensor, species_index: Tensor, edge_index: Tensor,

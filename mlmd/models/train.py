@@ -60,11 +60,12 @@ class TrainConfig:
     n_test: int = 100
     seed: int = 0
     bootstrap: bool = False
-    augment_rotations: bool = True    # rotate each batch at random: the S^2 grid is only approximately invariant
+    augment_rotations: bool = False   # rotate each batch at random (the model is exactly invariant: no gain)
     dtype: str = "float32"
     export_dtype: str = "float32"
     resume: bool = False
-    max_minutes: float = 0.0          # 0: no limit
+    max_minutes: float = 0.0          # 0: no limit; a hard stop, the schedule still runs over `epochs`
+    budget_minutes: float = 0.0       # > 0: train for this wall time, the cosine schedule over time, not epochs
     progress: bool = True
     hyperparameters: Dict[str, float] = field(default_factory=dict)
 
@@ -77,6 +78,8 @@ class TrainConfig:
         for name in ("dtype", "export_dtype"):
             if getattr(self, name) not in _DTYPES:
                 raise InputError(f"{name}: expected one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
+        if self.budget_minutes < 0 or self.max_minutes < 0:
+            raise InputError("budget_minutes/max_minutes: must be >= 0 (0 = no limit)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
         unknown = set(self.hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
@@ -99,12 +102,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoint, model.pt, parity.png, metrics.json)")
     p.add_argument("--committee", type=int, default=d["committee"].default, help="members M")
     p.add_argument("--bootstrap", action="store_true", help="each member trains on a bootstrap resample")
-    p.add_argument("--no-augment-rotations", dest="augment_rotations", action="store_false", default=None,
-                   help="do not rotate training batches at random")
+    p.add_argument("--augment-rotations", dest="augment_rotations", action="store_true", default=None,
+                   help="rotate every training batch at random (no gain for the exactly invariant model)")
     for name in ("epochs", "batch_size", "patience", "n_train", "n_val", "n_test", "seed"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default)
     for name in ("lr", "weight_decay", "ema_decay", "energy_weight", "force_weight", "stress_weight",
-                 "max_minutes"):
+                 "max_minutes", "budget_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default)
     p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"].default)
     p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="training precision")
@@ -373,10 +376,17 @@ def train(config: TrainConfig) -> Dict:
     total_steps = config.epochs * steps_per_epoch
     warmup = config.warmup_epochs * steps_per_epoch
 
+    budget_s = 60.0 * config.budget_minutes
+    elapsed_before = 0.0
+    t_start = time.perf_counter()
+
     def lr_factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
+        if budget_s:    # the cosine runs over the wall-time budget, whatever the epoch count
+            progress = (elapsed_before + time.perf_counter() - t_start) / budget_s
+        else:
+            progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
@@ -387,7 +397,6 @@ def train(config: TrainConfig) -> Dict:
     stall = torch.zeros(members, dtype=torch.long)
     history: List[Dict] = []
     start_epoch = 0
-    elapsed_before = 0.0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
         optimizer.load_state_dict(resume_state["optimizer"])
@@ -418,10 +427,14 @@ def train(config: TrainConfig) -> Dict:
     t_start = time.perf_counter()
     train_index = torch.as_tensor(split["train"])
     epoch = start_epoch
-    bar = tqdm(total=config.epochs, initial=start_epoch, desc=f"training M={members}", unit="epoch",
-               disable=not config.progress)
+    max_epochs = config.epochs if not budget_s else 10 ** 9
+    bar = tqdm(total=None if budget_s else config.epochs, initial=start_epoch, desc=f"training M={members}",
+               unit="epoch", disable=not config.progress)
     stopped = "epochs"
-    while epoch < config.epochs:
+    while epoch < max_epochs:
+        if budget_s and elapsed_before + time.perf_counter() - t_start >= budget_s:
+            stopped = "budget"      # a resumed run whose budget was spent: evaluate and export only
+            break
         model.train()
         order = train_index[torch.randperm(len(train_index), generator=generator)]
         running = 0.0
@@ -458,6 +471,9 @@ def train(config: TrainConfig) -> Dict:
             break
         if config.max_minutes and elapsed > 60.0 * config.max_minutes:
             stopped = "time limit"
+            break
+        if budget_s and elapsed >= budget_s:
+            stopped = "budget"
             break
     bar.close()
     train_seconds = elapsed_before + time.perf_counter() - t_start
