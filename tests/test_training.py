@@ -71,7 +71,9 @@ def test_resume_equals_uninterrupted(tmp_path):
 def test_budget_runs_the_schedule_over_wall_time(tmp_path):
     """--budget-minutes: training stops at the budget, not at `epochs`, with the cosine at its floor."""
     budget = 0.15
-    result = train(_config(tmp_path, committee=1, bootstrap=False, epochs=10 ** 6, budget_minutes=budget))
+    # warmup_epochs far beyond what the budget holds: the warm-up must still end at 5 % of it
+    result = train(_config(tmp_path, committee=1, bootstrap=False, epochs=10 ** 6, budget_minutes=budget,
+                           warmup_epochs=1000))
     summary = result["test_metrics_summary"]
     lrs = [h["lr"] for h in result["history"]]
     print(f"budget {60 * budget:.0f} s: {summary['epochs']} epochs in {summary['train_wall_s']:.1f} s, "
@@ -80,6 +82,8 @@ def test_budget_runs_the_schedule_over_wall_time(tmp_path):
     assert 60 * budget <= summary["train_wall_s"] < 60 * budget + 20
     assert lrs[-1] <= 0.011 * max(lrs) + 1e-12
     assert lrs[len(lrs) // 2] > 0.2 * max(lrs)
+    early = [h["lr"] for h in result["history"] if 0.1 * 60 * budget <= h["elapsed_s"] <= 0.3 * 60 * budget]
+    assert early and min(early) > 0.7 * 1e-2, "the warm-up did not end at 5 % of the budget"
 
 
 def test_bad_training_options(tmp_path):

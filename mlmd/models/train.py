@@ -381,12 +381,16 @@ def train(config: TrainConfig) -> Dict:
     t_start = time.perf_counter()
 
     def lr_factor(step: int) -> float:
+        if budget_s:
+            # the cosine runs over the wall-time budget, whatever the epoch count; the warm-up
+            # ends after warmup_epochs or 5 % of the budget, whichever comes first (a budget of
+            # a few epochs would otherwise be spent warming up)
+            progress = (elapsed_before + time.perf_counter() - t_start) / budget_s
+            ramp = min(1.0, max(progress / 0.05, (step + 1) / max(1, warmup)))
+            return ramp * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
         if step < warmup:
             return (step + 1) / warmup
-        if budget_s:    # the cosine runs over the wall-time budget, whatever the epoch count
-            progress = (elapsed_before + time.perf_counter() - t_start) / budget_s
-        else:
-            progress = (step - warmup) / max(1, total_steps - warmup)
+        progress = (step - warmup) / max(1, total_steps - warmup)
         return 0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
