@@ -39,7 +39,7 @@ def sections(out: str) -> List[Dict]:
         {"name": "openmm", "title": "OpenMM paths: TorchForce and PythonForce vs the bare model call",
          "args": ["openmm"]},
         {"name": "committee", "title": "Committee cost: M members vs one", "args": ["committee"]},
-        {"name": "models", "title": "Built-in model vs MACE on the same data and budget (Cu, EMT)",
+        {"name": "models", "title": "Built-in vs MACE committees trained on the same frames for the same wall time (ethanol, aspirin, copper)",
          "args": ["models"]},
         {"name": "active", "title": "Active learning vs random frames (ethanol, GFN2-xTB)",
          "args": ["active", "--pool", "3", "--select", "diverse", "--steps", "12000",
