@@ -228,15 +228,15 @@ def format_table(results: List[Dict], threads: int) -> str:
     lines = [f"same frames, same training wall time per system, committee of 4 each, {threads} torch threads; "
              "MD: mlmd engine, velocity Verlet, freshly loaded file; ratio = MACE / built-in",
              "",
-             "| system | atoms | budget | model | epochs | test force MAE eV/Å | energy MAE meV/atom "
+             "| system | atoms | budget | model | train s | epochs | test force MAE eV/Å | energy MAE meV/atom "
              "| max ΔF under rotation (float64) eV/Å | MD ms/step |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         b, m = r["builtin"], r["mace"]
-        lines.append(f"| {r['system']} | {r['atoms']} | {r['budget_minutes']:g} min | built-in | {b['epochs']} "
+        lines.append(f"| {r['system']} | {r['atoms']} | {r['budget_minutes']:g} min | built-in | {b['train_s']:.0f} | {b['epochs']} "
                      f"| {b['force_mae']:.4f} | {b['energy_mae_mev']:.2f} | {b['rotation_forces_max']:.1e} "
                      f"| {b['step_ms']:.2f} |")
-        lines.append(f"| | | | MACE {m['channels']}ch L{m['max_L']} | {'/'.join(str(e) for e in m['epochs'])} "
+        lines.append(f"| | | | MACE {m['channels']}ch L{m['max_L']} | {m['train_s']:.0f} | {'/'.join(str(e) for e in m['epochs'])} "
                      f"| {m['force_mae']:.4f} ({m['force_mae'] / b['force_mae']:.2f}) "
                      f"| {m['energy_mae_mev']:.2f} ({m['energy_mae_mev'] / b['energy_mae_mev']:.2f}) "
                      f"| {m['rotation_forces_max']:.1e} | {m['step_ms']:.2f} ({m['step_ms'] / b['step_ms']:.2f}) |")
