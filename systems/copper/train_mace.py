@@ -21,24 +21,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def write_split(work: str) -> dict:
     """train/val/test extxyz files with MACE's REF_* label keys; returns their paths."""
-    import ase.io
+    import importlib.util
 
-    frames = ase.io.read(os.path.join(HERE, "data.extxyz"), ":")
+    spec = importlib.util.spec_from_file_location(
+        "models_budget", os.path.join(HERE, "..", "..", "benchmarks", "models_budget.py"))
+    models_budget = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(models_budget)
     with open(os.path.join(HERE, "metrics.json")) as handle:
         split = json.load(handle)["split"]
-    paths = {}
-    for part in ("train", "val", "test"):
-        chosen = []
-        for index in split[part]:
-            atoms = frames[index].copy()
-            atoms.info["REF_energy"] = frames[index].get_potential_energy()
-            atoms.arrays["REF_forces"] = frames[index].get_forces()
-            atoms.info["REF_stress"] = frames[index].get_stress(voigt=False)
-            atoms.calc = None
-            chosen.append(atoms)
-        paths[part] = os.path.join(work, f"{part}.extxyz")
-        ase.io.write(paths[part], chosen)
-    return paths
+    return models_budget.write_split("copper", split, work)
 
 
 def train_member(paths: dict, work: str, seed: int, epochs: int, channels: int, max_l: int) -> tuple:
