@@ -219,16 +219,21 @@ class SphereLayer(nn.Module):
         s = torch.index_select(self.sender(h), 1, neighbour).reshape(members, n_atoms, 1, -1, c)
         weighted = radial * s                                               # [M,N,L+1,K,C]
         # A_i,lm,c = sum_k Y_lm(k) R_lc(k) s_c(k): a matmul over the neighbour slots, per degree
+        # split/unbind rather than slices: a slice's gradient is a full-size zero tensor per slice
+        # (in the double backward of training, 20 % of a step), split's is one concatenation
         mixed: List[Tensor] = []
+        per_degree = torch.split(harmonics, [2 * l + 1 for l in range(self.degree + 1)], dim=2)
+        weighted_per_degree = torch.unbind(weighted, dim=2)
         for l, mix in enumerate(self.mix):
-            coefficients = torch.matmul(harmonics[:, :, l * l:(l + 1) * (l + 1)], weighted[:, :, l])
+            coefficients = torch.matmul(per_degree[l], weighted_per_degree[l])
             mixed.append(mix(coefficients * inv_avg_neighbours))           # [M,N,2l+1,nu C]
         signal = torch.matmul(grid_harmonics, torch.cat(mixed, dim=2))     # [M,N,Q,nu C]
+        factors = torch.unbind(signal.reshape(members, n_atoms, signal.shape[2], self.correlation, c), dim=3)
         invariants: List[Tensor] = [h]
-        product = signal[..., 0:c]
+        product = factors[0]
         invariants.append(torch.einsum("q,mnqc->mnc", grid_weights, product))
         for k in range(1, self.correlation):
-            product = product * signal[..., k * c:(k + 1) * c]
+            product = product * factors[k]
             invariants.append(torch.einsum("q,mnqc->mnc", grid_weights, product))
         update = self.norm(torch.cat(invariants, dim=-1))
         return h + self.update_out(nn.functional.silu(self.update_in(update)))
