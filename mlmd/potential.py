@@ -68,9 +68,10 @@ class PotentialModule(nn.Module):
             raise ValueError("compute_stress: this model does not support stress")
 
         dtype = self.dtype_probe.dtype
-        positions = positions.to(dtype)
+        # differences in the callers' precision (float64 from every mlmd host), then the model's:
+        # a float32 model far from the origin keeps its edge vectors exact
         vectors = (torch.index_select(positions, 0, edge_index[1])
-                   - torch.index_select(positions, 0, edge_index[0]) + shifts.to(dtype))
+                   - torch.index_select(positions, 0, edge_index[0]) + shifts).to(dtype)
         out = self.model.energy_and_forces(vectors, species_index, edge_index, compute_stress,
                                            self.training)
         atom_energy = out["atom_energy"]           # [M,N]
@@ -284,14 +285,15 @@ class Potential:
         if stress and not self.metadata.get(keys.META_STRESS, False):
             raise InputError("stress: this model file does not support stress; "
                              "ask only for energy and forces")
-        dtype = self.dtype
+        positions, shifts = local_frame(positions, cell, pbc, edge_index, shifts)
         dev = self.device
-        out = self.module(torch.as_tensor(positions, dtype=dtype, device=dev),
+        # float64 in: the module takes the differences before casting to its own dtype
+        out = self.module(torch.as_tensor(positions, dtype=torch.float64, device=dev),
                           torch.as_tensor(numbers, device=dev),
-                          torch.as_tensor(cell, dtype=dtype, device=dev),
+                          torch.as_tensor(cell, dtype=torch.float64, device=dev),
                           torch.tensor(np.array(pbc, dtype=bool), device=dev),
                           torch.as_tensor(edge_index, device=dev),
-                          torch.as_tensor(shifts, dtype=dtype, device=dev),
+                          torch.as_tensor(shifts, dtype=torch.float64, device=dev),
                           bool(stress))
         return {k: v.detach().cpu().numpy() for k, v in out.items()}
 
@@ -299,6 +301,32 @@ class Potential:
         """Evaluate an ``ase.Atoms``."""
         return self.compute(atoms.get_positions(), atoms.get_atomic_numbers(),
                             np.asarray(atoms.get_cell()), atoms.get_pbc(), stress=stress)
+
+
+def local_frame(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, edge_index: np.ndarray,
+                shifts: np.ndarray):
+    """The same edge vectors from positions near the origin: (positions [N,3] Å, shifts [E,3] Å).
+
+    Each atom is moved by whole lattice vectors into the cell along its periodic axes (its
+    edges' shifts take up the difference, exactly), then everything by the mean position.
+    Files written before the module took float64 differences cast positions to their dtype
+    first: a float32 model 10⁴ Å from the origin (an unwrapped engine trajectory, a shifted
+    input) would otherwise see edge vectors rounded to ~1e-3 Å.
+    """
+    positions = np.asarray(positions, dtype=np.float64)
+    shifts = np.asarray(shifts, dtype=np.float64)
+    if len(positions) == 0:
+        return positions, shifts
+    pbc = np.asarray(pbc, dtype=bool)
+    if pbc.any():
+        from .neighbors.cell_list import effective_cell
+        frac = positions @ np.linalg.inv(effective_cell(cell, pbc))
+        images = np.where(pbc, np.floor(frac), 0.0)          # [N,3] whole cells, periodic axes only
+        if images.any():
+            positions = positions - images @ cell
+            i, j = edge_index
+            shifts = shifts + (images[j] - images[i]) @ cell
+    return positions - positions.mean(axis=0), shifts
 
 
 def as_potential(model, device: Optional[str] = None, dtype: Optional[str] = None) -> Potential:

@@ -1,6 +1,9 @@
 """Physics of the built-in model through the contract checks of mlmd.testing."""
+import os
+
 import numpy as np
 import pytest
+import torch
 
 from mlmd import testing
 
@@ -176,3 +179,37 @@ def test_stress_matches_strain_derivative(potential, periodic_triclinic):
             numeric[a, b] = (energies[0] - energies[1]) / (2 * eps) / volume
     sym = 0.5 * (out["stress"] + out["stress"].T)
     np.testing.assert_allclose(sym, numeric, atol=1e-7 * max(1.0, np.abs(numeric).max()), rtol=1e-5)
+
+
+@pytest.mark.parametrize("system", ["ethanol", "copper"])
+def test_float32_forces_hold_far_from_the_origin(system, tmp_path):
+    """A float32 model 10⁴ Å from the origin (and, periodic, with atoms unwrapped by hundreds of
+    cells, as the engine leaves them) gives the forces it gives at the origin: the edge vectors
+    are differences taken in float64 (it was 4e-2 eV/Å off at 10⁴ Å)."""
+    import ase.io
+
+    import mlmd
+    from conftest import ROOT
+    from mlmd.neighbors import neighbor_pairs
+
+    folder = os.path.join(ROOT, "systems", system)
+    pot32 = mlmd.load(os.path.join(folder, f"{system}_committee.pt")).with_dtype("float32")
+    atoms = ase.io.read(os.path.join(folder, "data.extxyz"), 0)
+    reference = pot32.with_dtype("float64").compute_atoms(atoms)["forces"]
+    near = np.abs(pot32.compute_atoms(atoms)["forces"] - reference).max()
+    far = atoms.copy()
+    far.positions += 1e4
+    if atoms.pbc.all():
+        rng = np.random.default_rng(0)
+        far.positions += rng.integers(-300, 300, size=(len(atoms), 3)) @ atoms.cell.array
+    assert np.abs(pot32.compute_atoms(far)["forces"] - reference).max() < max(3 * near, 1e-5)
+    # a file exported now takes the float64 differences inside its module, whatever the caller
+    edge_index, shifts = neighbor_pairs(far.positions, far.cell.array, far.pbc, pot32.cutoff)
+    model = make_model(species=tuple(pot32.species))
+    fresh = mlmd.load(mlmd.potential.export(model, tmp_path / "fresh.pt", {}, dtype="float32"))
+    args = lambda positions: (torch.as_tensor(positions), torch.as_tensor(far.numbers),
+                              torch.as_tensor(far.cell.array), torch.as_tensor(far.pbc),
+                              torch.as_tensor(edge_index), torch.as_tensor(shifts), False)
+    moved = fresh.module(*args(far.positions - 1e4))["forces"].double().numpy()
+    np.testing.assert_allclose(fresh.module(*args(far.positions))["forces"].double().numpy(), moved,
+                               atol=max(1e-5, 1e-4 * np.abs(moved).max()))

@@ -464,6 +464,24 @@ def test_torch_force_ml_subset(potential, ethanol):
     assert np.all(forces[len(ethanol):] == 0.0)
 
 
+def test_torch_force_float32_far_from_the_origin(ethanol):
+    """The TorchForce module of a float32 file 10⁴ Å (10³ nm) from the origin gives the forces it
+    gives at the origin (OpenMM never wraps a molecule back; it was 4e-2 eV/Å off)."""
+    import torch
+
+    import mlmd
+    from mlmd.plugins.openmm.torch_force import TorchForceModule
+
+    pot32 = mlmd.load(SHIPPED_MODEL).with_dtype("float32")
+    module = TorchForceModule(pot32.module, ethanol.numbers, len(ethanol), None, False, pot32.cutoff)
+    nm = torch.as_tensor(ethanol.positions * units.ANGSTROM_TO_NM)
+    _, near = module(nm)
+    _, far = module(nm + 1e3)
+    reference = pot32.with_dtype("float64").compute_atoms(ethanol)["forces"] * units.EV_PER_ANGSTROM_TO_KJ_PER_MOL_NM
+    error_near = np.abs(near.numpy() - reference).max()
+    assert np.abs(far.numpy() - reference).max() < max(3 * error_near, 1e-3)
+
+
 _TORCH_ROUND_TRIP = """
 import sys
 import numpy as np

@@ -202,6 +202,12 @@ class TorchForceModule(nn.Module):
         else:
             cell = torch.zeros((3, 3), dtype=torch.float64, device=positions.device)
         pbc = torch.full((3,), self.periodic, dtype=torch.bool, device=positions.device)
+        # near the origin before the pairs are found (see mlmd.potential.local_frame): model
+        # files that cast positions to float32 first keep exact edge vectors
+        if self.periodic and ml.shape[0] > 0:
+            ml = ml - torch.floor(ml @ torch.linalg.inv(cell)) @ cell
+        if ml.shape[0] > 0:
+            ml = ml - ml.mean(dim=0)
         with torch.no_grad():
             edge_index, shifts = neighbor_pairs_torch(ml, cell, self.periodic, self.cutoff)
         out = self.core(ml, self.numbers, cell, pbc, edge_index, shifts, False)
