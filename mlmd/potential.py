@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -162,11 +163,24 @@ def load_module(path: str | os.PathLike, device: str = "cpu"):
         raise ModelFileError(f"model file {path!r} does not exist")
     extra = {keys.METADATA_FILE: ""}
     try:
+        torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InputError(f"device: {device!r} is not a torch device ({exc}); use 'cpu' or 'cuda'") from None
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device: {device!r} asked for, but torch sees no CUDA device on this machine "
+                         f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use device='cpu'")
+    try:
         module = torch.jit.load(path, map_location=device, _extra_files=extra)
     except Exception as exc:  # torch raises RuntimeError/ValueError with zip-reader jargon
+        if zipfile.is_zipfile(path):
+            # an archive torch could not load: its own message is the cause, keep it
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelFileError(f"model file {path!r}: torch could not load it on {device!r}: "
+                                 f"{first_line}") from exc
         raise ModelFileError(
-            f"model file {path!r} is not a TorchScript archive ({type(exc).__name__}); "
-            "model files are written by `mlmd export` or mlmd.potential.export") from None
+            f"model file {path!r} is not a TorchScript archive ({type(exc).__name__}: "
+            f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}); "
+            "model files are written by `mlmd export` or mlmd.potential.export") from exc
     raw = extra[keys.METADATA_FILE]
     if not raw:
         raise ModelFileError(

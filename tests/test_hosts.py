@@ -191,6 +191,9 @@ def test_ase_bad_inputs_name_the_argument(calc, ethanol, periodic_triclinic):
     with pytest.raises(InputError, match="model"):
         from mlmd.plugins.ase import MLMDCalculator
         MLMDCalculator(42)
+    with pytest.raises(InputError, match="head: not an option of MLMDCalculator"):
+        MLMDCalculator(calc.potential, head="x")
+    MLMDCalculator(calc.potential, label="ethanol", directory=".")   # ASE's own keywords still pass
 
 
 def test_ase_stress_from_a_model_without_stress(model_file, periodic_triclinic):
@@ -597,6 +600,32 @@ def test_openmmml_needs_model_path():
         create_force(SHIPPED_MODEL, [6, 6, 8], path="gpu")
 
 
+def test_openmmml_honours_or_refuses_its_arguments(model_file, potential, ethanol):
+    """createSystem(topology, dtype=..., device=...) does what openmm-ml's docstring promises; an
+    unknown keyword (a typo) is refused by name instead of silently ignored."""
+    openmm = _openmm()
+    pytest.importorskip("openmmml")
+    from openmmml import MLPotential
+    from mlmd.md.io import openmm_topology
+
+    topology = openmm_topology(ethanol)
+    mlp = MLPotential("mlmd", modelPath=model_file, path="python")
+    energies = {}
+    for dtype in ("float32", "float64"):
+        system = mlp.createSystem(topology, dtype=dtype, device="cpu")
+        context = openmm.Context(system, openmm.VerletIntegrator(0.0005),
+                                 openmm.Platform.getPlatformByName("Reference"))
+        energies[dtype] = _energy_forces(context, ethanol.positions)[0]
+    want32 = float(reference(potential.with_dtype("float32"), ethanol)["energy"])
+    assert energies["float32"] == pytest.approx(want32, rel=1e-12)
+    assert energies["float32"] != energies["float64"]
+    assert energies["float64"] == pytest.approx(float(reference(potential, ethanol)["energy"]), rel=1e-12)
+    with pytest.raises(InputError, match="dtpye: not an option"):
+        mlp.createSystem(topology, dtpye="float32")
+    with pytest.raises(InputError, match="precision: not an option"):
+        MLPotential("mlmd", modelPath=model_file, precision="single")
+
+
 def _app_simulation(model, atoms, integrator, platform="Reference", path="auto"):
     openmm = _openmm()
     from openmm import app
@@ -789,3 +818,14 @@ def test_three_hosts_same_frame(model_file, frame, request):
     dyn.attach(lambda: sigmas.append(ase_atoms.calc.results["uncertainty"]), interval=5)
     dyn.run(20)
     assert len(sigmas) == 5 and np.all(np.isfinite(sigmas)) and min(sigmas) > 0
+
+
+def test_torch_force_kernel_failures_are_recorded():
+    """openmm-torch plugin libraries that still fail to load after torch is imported are kept
+    with OpenMM's message (never swallowed); here only GPU runtimes may be missing."""
+    _openmm()
+    from mlmd.plugins.openmm import torch_force
+
+    torch_force._import_openmmtorch()
+    for path, message in torch_force.KERNEL_LOAD_FAILURES.items():
+        assert message and ("CUDA" in os.path.basename(path) or "OpenCL" in os.path.basename(path)), path

@@ -86,6 +86,27 @@ def test_not_a_torchscript_archive(tmp_path):
         mlmd.load(tmp_path / "missing.pt")
 
 
+def test_load_errors_keep_their_cause(model_file, tmp_path):
+    """A load failure says what failed (no CUDA, a bad device name, a damaged archive), not only
+    "not a TorchScript archive"."""
+    from mlmd.errors import InputError
+
+    if not torch.cuda.is_available():
+        with pytest.raises(InputError, match="no CUDA device"):
+            mlmd.load(model_file, device="cuda")
+    with pytest.raises(InputError, match="device: 'gpu0' is not a torch device"):
+        mlmd.load(model_file, device="gpu0")
+    import zipfile
+    damaged = tmp_path / "damaged.pt"
+    with zipfile.ZipFile(model_file) as source, zipfile.ZipFile(damaged, "w") as target:
+        for item in source.infolist():
+            if not item.filename.endswith("data.pkl"):
+                target.writestr(item, source.read(item))
+    with pytest.raises(ModelFileError, match="torch could not load it") as caught:
+        mlmd.load(damaged)
+    assert caught.value.__cause__ is not None and "not a TorchScript archive" not in str(caught.value)
+
+
 def test_archive_without_metadata(tmp_path):
     path = tmp_path / "plain.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 1)), str(path))

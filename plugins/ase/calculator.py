@@ -20,6 +20,9 @@ from mlmd.potential import as_potential
 
 __all__ = ["MLMDCalculator"]
 
+# what ase.calculators.calculator.Calculator.__init__ itself uses
+_CALCULATOR_KEYWORDS = ("restart", "ignore_bad_restart_file", "label", "atoms", "directory")
+
 
 class MLMDCalculator(Calculator):
     """Energy, forces, stress and committee uncertainty of an mlmd model for ASE.
@@ -56,6 +59,11 @@ class MLMDCalculator(Calculator):
 
     def __init__(self, model, device: Optional[str] = None, dtype: Optional[str] = None,
                  skin: float = 0.0, **kwargs):
+        # Calculator.__init__ would file any other keyword under `parameters` and never read it
+        unknown = sorted(set(kwargs) - set(_CALCULATOR_KEYWORDS))
+        if unknown:
+            raise InputError(f"{', '.join(unknown)}: not an option of MLMDCalculator; it takes model, "
+                             f"device, dtype, skin and ASE's {', '.join(_CALCULATOR_KEYWORDS)}")
         super().__init__(**kwargs)
         if skin < 0:
             raise InputError(f"skin: must be >= 0 Å, got {skin}")

@@ -101,15 +101,17 @@ class UncertaintyReporter:
             self.callback(simulation, result)
 
     def close(self):
-        self._handle.close()
-        if self._pdb is not None:
-            self._pdb.close()
+        """Close the log (and PDB) files; safe to call twice, or after a failed __init__."""
+        handle = getattr(self, "_handle", None)
+        if handle is not None and not handle.closed:
+            handle.close()
+        pdb = getattr(self, "_pdb", None)
+        if pdb is not None:
+            pdb.close()
+            self._pdb = None
 
     def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        self.close()
 
 
 def swap_model(simulation, model, topology_or_numbers=None, atoms=None, path: str = "auto",

@@ -14,6 +14,8 @@ boxes less than three cutoffs across.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -232,6 +234,8 @@ def _import_openmmtorch():
 
 
 _KERNELS_RELOADED = False
+# plugin library path -> OpenMM's message, for those that still failed to load (diagnostics)
+KERNEL_LOAD_FAILURES: dict = {}
 
 
 def _reload_torch_kernels() -> None:
@@ -252,8 +256,14 @@ def _reload_torch_kernels() -> None:
             path = failure[len(prefix):].split(": ", 1)[0]
             try:
                 openmm.Platform.loadPluginLibrary(path)
-            except Exception:   # OpenCL/CUDA kernels on a machine without those runtimes
-                pass
+            except Exception as exc:   # OpenMMException: the library's own dlopen message
+                KERNEL_LOAD_FAILURES[path] = str(exc)
+                # CUDA/OpenCL kernels fail on machines without those runtimes, as expected; the
+                # CPU ones are what TorchForce runs on here, so their failure is said aloud
+                if "CUDA" not in os.path.basename(path) and "OpenCL" not in os.path.basename(path):
+                    warnings.warn(f"openmm-torch: could not load {path}: {exc}; a TorchForce will "
+                                  "have no kernel on the Reference/CPU platforms", RuntimeWarning,
+                                  stacklevel=3)
     _KERNELS_RELOADED = True
 
 

@@ -32,7 +32,18 @@ class MLMDPotentialImplFactory(MLPotentialImplFactory):
         if modelPath is None:
             raise InputError("modelPath: MLPotential('mlmd') needs the model file, e.g. "
                              "MLPotential('mlmd', modelPath='systems/ethanol/ethanol_committee.pt')")
+        _refuse_unknown("MLPotential('mlmd', ...)", args)
         return MLMDPotentialImpl(modelPath, **args)
+
+
+_OPTIONS = ("path", "device", "dtype")
+
+
+def _refuse_unknown(where: str, args: dict) -> None:
+    unknown = sorted(set(args) - set(_OPTIONS))
+    if unknown:
+        raise InputError(f"{', '.join(unknown)}: not an option of {where}; mlmd takes "
+                         f"{', '.join(_OPTIONS)} (and modelPath when the potential is made)")
 
 
 class MLMDPotentialImpl(MLPotentialImpl):
@@ -51,10 +62,15 @@ class MLMDPotentialImpl(MLPotentialImpl):
 
     def addForces(self, topology: openmm.app.Topology, system: openmm.System,
                   atoms: Optional[Iterable[int]], forceGroup: int, path: Optional[str] = None,
-                  **args) -> None:
+                  device: Optional[str] = None, dtype: Optional[str] = None, **args) -> None:
+        """Called by createSystem/createMixedSystem; their ``path``, ``device`` and ``dtype``
+        override the ones given to MLPotential, any other keyword is refused by name."""
         from mlmd.plugins.openmm import create_force
+        from mlmd.potential import as_potential
 
-        force = create_force(self.potential, topology, atoms=None if atoms is None else list(atoms),
+        _refuse_unknown("createSystem/createMixedSystem", args)
+        potential = as_potential(self.potential, device, dtype)
+        force = create_force(potential, topology, atoms=None if atoms is None else list(atoms),
                              path=path or self.path)
         force.setForceGroup(forceGroup)
         system.addForce(force)
