@@ -220,6 +220,8 @@ class Potential:
     metadata: Dict[str, Any]
     path: str = ""
     device: str = "cpu"
+    #: the dtype asked for with :meth:`with_dtype` (None: the file's); hosts keep it across swaps
+    dtype_override: Optional[str] = None
     _species: set = field(default_factory=set, repr=False)
 
     def __post_init__(self):
@@ -254,7 +256,8 @@ class Potential:
         module = module.to(_DTYPES[dtype])
         meta = dict(meta)
         meta[keys.META_DTYPE] = dtype
-        return Potential(module=module, metadata=meta, path=self.path, device=self.device)
+        return Potential(module=module, metadata=meta, path=self.path, device=self.device,
+                         dtype_override=dtype)
 
     def check_numbers(self, numbers: np.ndarray) -> None:
         unknown = sorted(set(int(z) for z in np.unique(numbers)) - self._species)
@@ -299,7 +302,8 @@ class Potential:
         if stress and not self.metadata.get(keys.META_STRESS, False):
             raise InputError("stress: this model file does not support stress; "
                              "ask only for energy and forces")
-        positions, shifts = local_frame(positions, cell, pbc, edge_index, shifts)
+        if self.dtype != torch.float64:
+            positions, shifts = local_frame(positions, cell, pbc, edge_index, shifts)
         dev = self.device
         # float64 in: the module takes the differences before casting to its own dtype
         out = self.module(torch.as_tensor(positions, dtype=torch.float64, device=dev),

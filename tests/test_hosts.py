@@ -3,6 +3,7 @@ import os
 
 import numpy as np
 import pytest
+import torch
 
 from mlmd import units
 from mlmd.errors import InputError
@@ -712,6 +713,34 @@ def test_uncertainty_reporter_and_swap(model_file, potential, ethanol, tmp_path)
         from mlmd.models.pair import export_morse
         export_morse(single, species=(1, 6, 8))
         plug.UncertaintyReporter(tmp_path / "x.csv", 5, str(single), simulation.topology)
+
+
+@pytest.mark.parametrize("path", ["python", "torch"])
+def test_swap_keeps_the_dtype_asked_for(ethanol, path):
+    """A run asked to compute in float64 stays float64 when a float32 file is swapped in, in the
+    engine and in OpenMM (both used to fall back to the file's float32)."""
+    openmm = _openmm()
+    if path == "torch":
+        pytest.importorskip("openmmtorch")
+    import mlmd
+    from openmm import app
+    from mlmd.md.io import openmm_topology
+    from mlmd.plugins.openmm import create_system, swap_model
+
+    want = mlmd.load(SHIPPED_MODEL).with_dtype("float64").compute_atoms(ethanol)
+    engine = mlmd.Simulation(ethanol, SHIPPED_MODEL, dtype="float64")
+    engine.swap_model(SHIPPED_MODEL)
+    assert engine.potential.dtype == torch.float64
+    assert engine.potential_energy == pytest.approx(float(want["energy"]), rel=1e-12)
+
+    topology = openmm_topology(ethanol)
+    system = create_system(SHIPPED_MODEL, topology, path=path, dtype="float64")
+    simulation = app.Simulation(topology, system, openmm.VerletIntegrator(0.0005),
+                                openmm.Platform.getPlatformByName("Reference"))
+    simulation.context.setPositions(ethanol.positions * units.ANGSTROM_TO_NM)
+    swap_model(simulation, SHIPPED_MODEL, path=path)
+    energy = simulation.context.getState(getEnergy=True).getPotentialEnergy()._value * units.KJ_PER_MOL_TO_EV
+    assert energy == pytest.approx(float(want["energy"]), rel=1e-12)
 
 
 def test_openmm_bad_input(model_file, tmp_path, monkeypatch, ethanol):

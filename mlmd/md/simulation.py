@@ -21,7 +21,7 @@ import torch
 
 from .. import keys
 from ..errors import InputError
-from ..potential import Potential, as_potential
+from ..potential import Potential, as_potential, local_frame
 from .integrators import (Integrator, MDState, degrees_of_freedom, make_integrator,
                           maxwell_boltzmann, remove_com_motion, temperature)
 
@@ -52,14 +52,17 @@ class ModelForces:
         self.output: Dict[str, torch.Tensor] = {}
 
     def _tensor(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if tensor.dtype != self.dtype and tensor.is_floating_point():
-            tensor = tensor.to(self.dtype)
+        # float64 stays float64: the module takes the edge differences before its own cast
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
         return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
     def __call__(self, state: MDState) -> None:
         edge_index, shifts = self.neighbors.update(state.positions, state.cell, state.pbc)
-        out = self.module(self._tensor(state.positions), self.numbers, self.cell, self.pbc,
+        positions = state.positions
+        if self.dtype != torch.float64:
+            # the engine never wraps: float32 files that cast positions first need them near 0
+            positions, shifts = local_frame(positions, state.cell, state.pbc, edge_index, shifts)
+        out = self.module(self._tensor(positions), self.numbers, self.cell, self.pbc,
                           self._tensor(edge_index), self._tensor(shifts), False)
         state.forces[...] = out[keys.FORCES].detach().cpu().numpy()
         state.potential_energy = float(out[keys.ENERGY].detach())
@@ -193,9 +196,13 @@ class Simulation:
             raise InputError(f"interval: must be a positive number of steps, got {interval!r}")
         self.observers.append(Observer(callback, interval))
 
-    def swap_model(self, model: Union[str, os.PathLike, Potential]) -> None:
-        """Replace the model between steps (state, RNG and step count kept); forces recomputed."""
-        potential = as_potential(model, self.potential.device)
+    def swap_model(self, model: Union[str, os.PathLike, Potential], dtype: Optional[str] = None) -> None:
+        """Replace the model between steps (state, RNG and step count kept); forces recomputed.
+
+        The new model computes in ``dtype``, by default the one this Simulation was asked for
+        (a float64 run stays float64 when a float32 file is swapped in), else the file's own.
+        """
+        potential = as_potential(model, self.potential.device, dtype or self.potential.dtype_override)
         previous = self.forces.neighbors
         self.potential = potential
         self.forces = ModelForces(potential, self.state.numbers, self.state.cell, self.state.pbc, previous.skin)

@@ -16,7 +16,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 from mlmd import keys
 from mlmd.errors import InputError
 from mlmd.neighbors.cell_list import effective_cell
-from mlmd.potential import as_potential
+from mlmd.potential import as_potential, local_frame
 
 __all__ = ["MLMDCalculator"]
 
@@ -128,6 +128,8 @@ class MLMDCalculator(Calculator):
                                  "ask only for energy and forces")
 
         edge_index, shifts = self._pairs(positions, cell, pbc)
+        if self.potential.dtype != torch.float64:
+            positions, shifts = local_frame(positions, cell, pbc, edge_index, shifts)
         dev = self._device
         # float64 views of the numpy arrays; the module casts to its own dtype, as
         # Potential.compute's inputs would be

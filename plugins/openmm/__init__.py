@@ -17,7 +17,7 @@ OpenMM's C++ loop, with its neighbour pairs built in TorchScript (same arguments
 ``openmm``/``openmmtorch`` are imported only when a force is created, with an install hint if
 missing.
 """
-from .python_force import MLMDComputation, create_python_force
+from .python_force import FORCE_SETTINGS, MLMDComputation, create_python_force
 from .reporter import UncertaintyReporter, swap_model
 from .torch_force import TorchForceModule, create_torch_force, torch_force_available
 

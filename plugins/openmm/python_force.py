@@ -241,7 +241,18 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
     force.setName("MLMD")
     # the SWIG object does not keep a Python reference we can reach; keep one for reporters
     force.computation = computation
+    remember_settings(force, potential)
     return force
+
+
+#: C++ address of each mlmd force made in this process -> the device and dtype override it was
+#: made with (System.getForce returns a new proxy of the same object, so the address is the key)
+FORCE_SETTINGS: dict = {}
+
+
+def remember_settings(force, potential) -> None:
+    """Record ``potential``'s device and dtype override for :func:`swap_model` to keep."""
+    FORCE_SETTINGS[int(force.this)] = {"device": potential.device, "dtype": potential.dtype_override}
 
 
 def _ml_region(potential, topology_or_numbers, atoms, periodic):

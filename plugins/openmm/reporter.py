@@ -115,15 +115,18 @@ class UncertaintyReporter:
 
 
 def swap_model(simulation, model, topology_or_numbers=None, atoms=None, path: str = "auto",
-               name: str = "MLMD") -> None:
+               name: str = "MLMD", *, device=None, dtype=None) -> None:
     """Replace the mlmd force of a running ``openmm.app.Simulation`` by one for ``model``.
 
     Positions, velocities, time, step count and every other force stay as they were: the
     force named ``name`` is removed, the new one added in its force group, and the context is
     reinitialized with its state preserved.  ``atoms`` (the ML region) and ``path`` as for
     :func:`~mlmd.plugins.openmm.create_force`; the topology defaults to the simulation's.
+    ``device``/``dtype``: those of the force being replaced unless given (a force built with
+    ``dtype="float64"`` keeps computing in float64 after a float32 file is swapped in).
     """
-    from . import create_force
+    from . import FORCE_SETTINGS, create_force
+    from mlmd.potential import as_potential
 
     system = simulation.system
     indices = [i for i in range(system.getNumForces()) if system.getForce(i).getName() == name]
@@ -132,7 +135,9 @@ def swap_model(simulation, model, topology_or_numbers=None, atoms=None, path: st
                          f"{len(indices)}; pass the name the mlmd force was given")
     old = system.getForce(indices[0])
     group, periodic = old.getForceGroup(), old.usesPeriodicBoundaryConditions()
-    force = create_force(model, topology_or_numbers if topology_or_numbers is not None else simulation.topology,
+    previous = FORCE_SETTINGS.get(int(old.this), {})
+    potential = as_potential(model, device or previous.get("device"), dtype or previous.get("dtype"))
+    force = create_force(potential, topology_or_numbers if topology_or_numbers is not None else simulation.topology,
                          atoms=atoms, periodic=periodic, path=path)
     force.setForceGroup(group)
     step = simulation.currentStep

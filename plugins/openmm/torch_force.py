@@ -282,7 +282,7 @@ def create_torch_force(model, topology_or_numbers, atoms=None, periodic=None, *,
     Arguments as :func:`~mlmd.plugins.openmm.create_python_force`.  The scripted module is
     built here from the model file; energies in kJ/mol, forces in kJ/mol/nm.
     """
-    from .python_force import _ml_region
+    from .python_force import _ml_region, remember_settings
 
     openmmtorch = _import_openmmtorch()
     potential = as_potential(model, device, dtype)
@@ -293,4 +293,5 @@ def create_torch_force(model, topology_or_numbers, atoms=None, periodic=None, *,
     force.setOutputsForces(True)
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
     force.setName("MLMD")
+    remember_settings(force, potential)
     return force
