@@ -17,7 +17,11 @@ class DataError(MLMDError, ValueError):
     """A data set that cannot be used for training: missing labels, bad frames."""
 
 
+class MissingDependency(MLMDError, ImportError):
+    """An optional package is not installed: names it and the ``pip install`` that adds it."""
+
+
 def missing_dependency(package: str, extra: str, purpose: str) -> ImportError:
     """An ImportError with the install hint for an optional dependency."""
-    return ImportError(f"{purpose} needs the optional package {package!r}; install it with "
+    return MissingDependency(f"{purpose} needs the optional package {package!r}; install it with "
                        f"`pip install 'mlmd[{extra}]'` (or `pip install {package}`)")

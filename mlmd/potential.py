@@ -120,8 +120,10 @@ def export(model: nn.Module, path: str | os.PathLike, metadata: Dict[str, Any],
     import copy
 
     model = copy.deepcopy(model).eval()
+    supports_stress = _probe_virial(model)
     # eval: forces without a double-backward graph (train() turns it on for fine-tuning)
-    module = PotentialModule(model, list(model.species), calibration_factor).to(_DTYPES[dtype]).eval()
+    module = PotentialModule(model, list(model.species), calibration_factor,
+                             supports_stress).to(_DTYPES[dtype]).eval()
     scripted = torch.jit.script(module)
     meta = dict(metadata)
     meta.setdefault(keys.META_CONTRACT, keys.CONTRACT_VERSION)
@@ -130,7 +132,7 @@ def export(model: nn.Module, path: str | os.PathLike, metadata: Dict[str, Any],
     meta[keys.META_COMMITTEE] = int(model.committee_size)
     meta[keys.META_DTYPE] = dtype
     meta[keys.META_CALIBRATION] = float(calibration_factor)
-    meta[keys.META_STRESS] = True
+    meta[keys.META_STRESS] = supports_stress
     from . import __version__
     meta.setdefault(keys.META_MLMD_VERSION, __version__)
     path = os.fspath(path)
@@ -139,6 +141,22 @@ def export(model: nn.Module, path: str | os.PathLike, metadata: Dict[str, Any],
     torch.jit.save(scripted, tmp, _extra_files={keys.METADATA_FILE: json.dumps(meta, indent=1)})
     os.replace(tmp, path)   # a crash mid-write never leaves a truncated model file
     return path
+
+
+def _probe_virial(model: nn.Module) -> bool:
+    """Whether ``model.energy_and_forces`` returns a virial [M,3,3] when asked (what the file's
+    ``supports_stress`` then says), tried on a dimer of its first species at half its cutoff."""
+    committee = int(model.committee_size)
+    first = next(model.parameters(), None)
+    dtype = torch.float64 if first is None else first.dtype
+    device = torch.device("cpu") if first is None else first.device
+    half = 0.5 * float(model.cutoff)
+    vectors = torch.tensor([[half, 0.0, 0.0], [-half, 0.0, 0.0]], dtype=dtype, device=device)
+    edge_index = torch.tensor([[0, 1], [1, 0]], device=device)
+    out = model.energy_and_forces(vectors, torch.zeros(2, dtype=torch.long, device=device), edge_index,
+                                  True, False)
+    virial = out.get("virial")
+    return virial is not None and tuple(virial.shape) == (committee, 3, 3) and bool(torch.isfinite(virial).all())
 
 
 def set_calibration(path: str | os.PathLike, factor: float) -> str:

@@ -107,6 +107,39 @@ def test_load_errors_keep_their_cause(model_file, tmp_path):
     assert caught.value.__cause__ is not None and "not a TorchScript archive" not in str(caught.value)
 
 
+def test_export_declares_stress_only_when_the_model_gives_a_virial(tmp_path):
+    """A model whose energy_and_forces returns no virial is exported with supports_stress False,
+    and asking it for stress is refused by name (it used to be declared True for every model)."""
+    from typing import Dict
+
+    from torch import Tensor
+
+    from mlmd.errors import InputError
+    from mlmd.models.pair import MorsePotential
+    from mlmd.potential import export
+
+    class NoVirial(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = MorsePotential([29])
+            self.species, self.cutoff, self.committee_size = [29], self.inner.cutoff, 1
+
+        @torch.jit.export
+        def energy_and_forces(self, edge_vectors: Tensor, species_index: Tensor, edge_index: Tensor,
+                              compute_virial: bool, create_graph: bool) -> Dict[str, Tensor]:
+            out = self.inner.energy_and_forces(edge_vectors, species_index, edge_index, False, create_graph)
+            return {"atom_energy": out["atom_energy"], "forces": out["forces"]}
+
+    plain = mlmd.load(export(NoVirial(), tmp_path / "no_virial.pt", {}))
+    assert plain.metadata[keys.META_STRESS] is False
+    assert mlmd.load(export(MorsePotential([29]), tmp_path / "morse.pt", {})).metadata[keys.META_STRESS] is True
+    from ase.build import bulk
+    copper = bulk("Cu", "fcc", a=3.6, cubic=True)
+    assert np.isfinite(plain.compute_atoms(copper)["energy"])
+    with pytest.raises(InputError, match="stress"):
+        plain.compute_atoms(copper, stress=True)
+
+
 def test_archive_without_metadata(tmp_path):
     path = tmp_path / "plain.pt"
     torch.jit.save(torch.jit.script(torch.nn.Linear(3, 1)), str(path))

@@ -120,3 +120,85 @@ def test_read_structure_formats(tmp_path):
     (tmp_path / "junk.xyz").write_text("not a structure\n")
     with pytest.raises(InputError, match="structure"):
         read_structure(tmp_path / "junk.xyz")
+
+
+def test_topology_pdb_carries_the_bonds(tmp_path):
+    """topology.pdb next to a DCD has CONECT records: mdtraj sees ethanol's 8 bonds (it saw 0),
+    and no metal-metal 'bonds' in copper."""
+    import ase.io
+    import mdtraj
+    from ase.build import bulk
+    from conftest import ETHANOL_DIR
+    from mlmd.md.io import write_topology_pdb
+
+    ethanol = ase.io.read(os.path.join(ETHANOL_DIR, "ethanol.xyz"))
+    top = mdtraj.load(write_topology_pdb(tmp_path / "ethanol.pdb", ethanol)).topology
+    assert top.n_bonds == 8
+    assert sorted(sorted((b[0].element.symbol, b[1].element.symbol)) for b in top.bonds) == sorted(
+        [["C", "C"], ["C", "O"], ["H", "O"]] + [["C", "H"]] * 5)
+    copper = bulk("Cu", "fcc", a=3.61, cubic=True)
+    assert mdtraj.load(write_topology_pdb(tmp_path / "cu.pdb", copper)).topology.n_bonds == 0
+
+
+def test_run_without_openmm(cu_config, tmp_path, monkeypatch, capsys):
+    """With OpenMM absent (`pip install mlmd`), `mlmd run` writes extxyz by default; a DCD asked
+    for is refused up front with the install hint, before any file of the run exists."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "openmm" or m.startswith("openmm.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "openmm", None)      # import openmm -> ImportError
+    assert RunConfig.from_file(cu_config()).trajectory == "trajectory.extxyz"
+    assert main(["run", cu_config(trajectory="t.dcd", output=str(tmp_path / "dcd")), "--no-progress"]) == 2
+    assert "pip install 'mlmd[openmm]'" in capsys.readouterr().err
+    assert not (tmp_path / "dcd").exists()
+    assert main(["run", cu_config(steps=20), "--no-progress"]) == 0
+    assert (tmp_path / "out" / "trajectory.extxyz").is_file() and not (tmp_path / "out" / "topology.pdb").exists()
+
+
+_CORE_IMPORTS = """
+import sys
+import ase.build, numpy as np
+import mlmd, mlmd.models.train, mlmd.md.run, mlmd.plugins.ase
+from mlmd.models.ponita import PonitaPotential
+from mlmd.uncertainty.scores import spearman
+PonitaPotential([1, 8], committee_size=2)
+spearman(np.arange(5.0), np.arange(5.0))
+print(" ".join(sorted({name.split(".")[0] for name in sys.modules})))
+"""
+
+
+def test_core_dependencies_are_declared():
+    """Every third-party distribution the core (train, run, the engine, the ASE calculator, the
+    built-in model) imports is a declared dependency or one of theirs: scipy was imported by
+    every `mlmd train` and not declared."""
+    import importlib.metadata as metadata
+    import re
+    import subprocess
+    import sys
+    import tomllib
+    from conftest import ROOT
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as handle:
+        declared = tomllib.load(handle)["project"]["dependencies"]
+    name = lambda requirement: re.split(r"[\s<>=!~;\[]", requirement, maxsplit=1)[0].lower().replace("_", "-")
+    covered, todo = set(), [name(d) for d in declared]
+    while todo:                       # the declared ones and everything they require
+        dist = todo.pop()
+        if dist in covered:
+            continue
+        covered.add(dist)
+        try:
+            requires = metadata.requires(dist) or []
+        except metadata.PackageNotFoundError:
+            continue
+        todo += [name(r) for r in requires if "extra ==" not in r]
+    modules = subprocess.run([sys.executable, "-c", _CORE_IMPORTS], capture_output=True, text=True,
+                             check=True).stdout.split()
+    owners = metadata.packages_distributions()
+    # torch imports opt_einsum when it happens to be installed, and needs it not
+    optional = {"mlmd", "opt-einsum"}
+    used = {name(dist) for module in modules if module not in sys.stdlib_module_names
+            for dist in owners.get(module, []) if name(dist) not in optional}
+    assert used, modules
+    assert used <= covered, f"imported but not declared: {sorted(used - covered)}"

@@ -51,20 +51,73 @@ def mdtraj_topology(atoms):
     return top
 
 
-def openmm_topology(atoms):
-    """A one-chain, one-residue ``openmm.app.Topology`` with the elements of ``atoms``, and its
-    box vectors (nm) when ``atoms`` is periodic along all three axes."""
+def openmm_topology(atoms, bonds: bool = False):
+    """A one-chain, one-residue ``openmm.app.Topology`` with the elements of ``atoms``, its
+    box vectors (nm) when ``atoms`` is periodic along all three axes and, with ``bonds``, the
+    :func:`covalent_bonds`."""
     from openmm import Vec3, app
 
     top = app.Topology()
     residue = top.addResidue("MOL", top.addChain())
+    added = []
     for index, z in enumerate(atoms.get_atomic_numbers()):
         element = app.Element.getByAtomicNumber(int(z))
-        top.addAtom(f"{element.symbol}{index + 1}", element, residue)
+        added.append(top.addAtom(f"{element.symbol}{index + 1}", element, residue))
+    if bonds:
+        for i, j in covalent_bonds(atoms):
+            top.addBond(added[i], added[j])
     if np.all(atoms.get_pbc()):
         cell = np.asarray(atoms.get_cell()) * units.ANGSTROM_TO_NM
         top.setPeriodicBoxVectors([Vec3(*row) for row in cell])
     return top
+
+
+# what each trajectory format needs beyond mlmd's core: (module, package, extra)
+FORMAT_NEEDS = {"dcd": [("openmm", "openmm", "openmm")],
+                "xtc": [("mdtraj", "mdtraj", "traj"), ("openmm", "openmm", "openmm")],
+                "extxyz": []}
+
+
+def check_trajectory_format(fmt: str) -> None:
+    """Raise ImportError with the install hint when ``fmt``'s optional packages are missing
+    (DCD: OpenMM's DCDFile and PDBFile for topology.pdb; XTC: mdtraj too)."""
+    import importlib
+
+    for module, package, extra in FORMAT_NEEDS[fmt]:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            from ..errors import missing_dependency
+            raise missing_dependency(package, extra, f"trajectory: the {fmt.upper()} format") from None
+
+
+def covalent_bonds(atoms) -> np.ndarray:
+    """[B, 2] atom index pairs closer than 1.2 x the sum of their covalent radii (ASE's natural
+    cutoffs; at 1.0 a C-H bond of 1.09 Å against 1.07 Å is missed), images included, metal-metal
+    pairs left out: the bonds a viewer should draw."""
+    from ase.neighborlist import natural_cutoffs, neighbor_list
+
+    if len(atoms) < 2:
+        return np.zeros((0, 2), dtype=np.int64)
+    i, j = neighbor_list("ij", atoms, natural_cutoffs(atoms, mult=1.2))
+    numbers = atoms.get_atomic_numbers()
+    keep = (i < j) & ~(np.isin(numbers[i], _METALS) & np.isin(numbers[j], _METALS))
+    return np.unique(np.stack([i[keep], j[keep]], axis=1), axis=0)
+
+
+_NONMETALS = (1, 2, 5, 6, 7, 8, 9, 10, 14, 15, 16, 17, 18, 33, 34, 35, 36, 52, 53, 54, 85, 86)
+_METALS = np.setdiff1d(np.arange(1, 119), _NONMETALS)
+
+
+def write_topology_pdb(path, atoms) -> str:
+    """``topology.pdb`` for a DCD/XTC trajectory: elements, the cell, and CONECT records for the
+    covalent bonds (mdtraj and VMD read them), written by OpenMM's PDBFile."""
+    from openmm.app import PDBFile
+
+    topology = openmm_topology(atoms, bonds=True)
+    with open(path, "w") as handle:
+        PDBFile.writeFile(topology, atoms.get_positions(), handle)   # plain numbers: Å
+    return os.fspath(path)
 
 
 class TrajectoryWriter:
@@ -83,6 +136,7 @@ class TrajectoryWriter:
             fmt = "extxyz"
         if fmt not in TRAJECTORY_FORMATS:
             raise InputError(f"trajectory: format {fmt!r} not supported; use one of {TRAJECTORY_FORMATS}")
+        check_trajectory_format(fmt)
         self.format = fmt
         self.atoms = atoms.copy()
         self.periodic = bool(np.all(self.atoms.get_pbc()))

@@ -10,8 +10,9 @@ A config (or a ``systems/<name>`` folder holding ``run.yaml``)::
     steps: 20000
     output: runs/ethanol              # relative to the working directory
 
-writes into ``output``: ``log.csv``, the trajectory (``trajectory.dcd`` by default; .xtc
-or .extxyz by its suffix) with ``topology.pdb`` next to it, ``checkpoint.npz`` (every
+writes into ``output``: ``log.csv``, the trajectory (``trajectory.dcd`` by default, which needs
+OpenMM, else ``trajectory.extxyz``; .xtc or .extxyz by its suffix) with ``topology.pdb`` (bonds
+as CONECT records) next to it, ``checkpoint.npz`` (every
 ``checkpoint_interval`` steps and at exit), ``summary.png`` and ``config.yaml`` (the
 resolved config).  ``--restart`` continues from the checkpoint, exactly.
 """
@@ -47,7 +48,7 @@ class RunConfig:
     dtype: Optional[str] = None         # float32 | float64 (default: the model file's)
     device: str = "cpu"
     output: str = "runs/md"
-    trajectory: str = "trajectory.dcd"
+    trajectory: Optional[str] = None    # trajectory.dcd with OpenMM installed, else .extxyz
     trajectory_interval: int = 100
     log_interval: int = 10
     checkpoint_interval: int = 1000
@@ -138,10 +139,22 @@ class RunConfig:
             bad("fixed", "must be a list of atom indices")
         if self.dtype not in (None, "float32", "float64"):
             bad("dtype", "must be float32 or float64")
-        from .io import TRAJECTORY_FORMATS
+        from .io import TRAJECTORY_FORMATS, check_trajectory_format
+        if self.trajectory is None:
+            # DCD where OpenMM is installed (what VMD/mdtraj users expect), else ASE's extxyz
+            try:
+                check_trajectory_format("dcd")
+                self.trajectory = "trajectory.dcd"
+            except ImportError as missing:
+                print(f"mlmd run: writing trajectory.extxyz ({missing})")
+                self.trajectory = "trajectory.extxyz"
+        if not isinstance(self.trajectory, str):
+            bad("trajectory", "must be a file name")
         suffix = os.path.splitext(self.trajectory)[1].lstrip(".").lower()
         if suffix not in TRAJECTORY_FORMATS + ("xyz",):
             bad("trajectory", f"must end in one of {['.' + f for f in TRAJECTORY_FORMATS]}")
+        # before anything is written: a missing package must not leave a half-made run folder
+        check_trajectory_format("extxyz" if suffix == "xyz" else suffix)
 
 
 def run(config: RunConfig, restart: bool = False, progress: bool = True, extension=None) -> Dict[str, Any]:
@@ -184,11 +197,8 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True, extensi
         with open(os.path.join(out, "config.yaml"), "w") as handle:
             yaml.safe_dump(asdict(config), handle, sort_keys=False)
         if trajectory.writer.format != "extxyz":
-            from .io import mdtraj_topology
-            import mdtraj
-            top = mdtraj_topology(sim.atoms)
-            mdtraj.Trajectory(sim.atoms.get_positions()[None] * 0.1, top).save_pdb(
-                os.path.join(out, "topology.pdb"))
+            from .io import write_topology_pdb
+            write_topology_pdb(os.path.join(out, "topology.pdb"), sim.atoms)
     sim.attach(log, config.log_interval)
     sim.attach(trajectory, config.trajectory_interval)
     sim.attach(checkpointer, config.checkpoint_interval)
