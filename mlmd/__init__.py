@@ -2,14 +2,16 @@
 __version__ = "0.1.0"
 
 from .errors import DataError, InputError, MLMDError, ModelFileError  # noqa: E402
-from .potential import Potential, export, load, load_module  # noqa: E402
 
 __all__ = ["__version__", "load", "load_module", "export", "Potential", "Simulation",
            "MLMDError", "InputError", "ModelFileError", "DataError"]
 
 
 def __getattr__(name):
-    # the engine pulls in numba; `import mlmd` stays light for hosts that never use it
+    # torch (2 s) and numba load on first use: `mlmd --help` and `import mlmd.errors` stay light
+    if name in ("Potential", "export", "load", "load_module"):
+        from . import potential
+        return getattr(potential, name)
     if name == "Simulation":
         from .md.simulation import Simulation
         return Simulation

@@ -1,4 +1,4 @@
-"""The ``mlmd`` command: label, train, export, info, audit, import-mace, run, bench."""
+"""The ``mlmd`` command: label, train, export, info, audit, import-mace, run, learn, bench."""
 from __future__ import annotations
 
 import argparse
@@ -193,8 +193,27 @@ def torch_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _run_keys() -> str:
+    """The YAML keys of `mlmd run`, from RunConfig itself (with their defaults)."""
+    import dataclasses
+
+    from .md.run import RunConfig
+
+    lines = ["YAML keys (required first; the others with their defaults):"]
+    for f in dataclasses.fields(RunConfig):
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            lines.append(f"  {f.name}: (required)")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name}: {default!r}" + ("" if default is not None else "  (see mlmd.md.run)"))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="mlmd", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mlmd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("label", help="sample geometries by MD with a reference method and label them")
@@ -212,7 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_label)
 
     p = sub.add_parser("train", help="train a model or a committee on an extxyz data set")
-    from .models.train import add_train_arguments
+    from .models.config import add_train_arguments
     add_train_arguments(p)
     p.set_defaults(func=_cmd_train)
 
@@ -245,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "factor on them")
     p.set_defaults(func=_cmd_import_mace)
 
-    p = sub.add_parser("run", help="production MD in the internal engine from a YAML config")
+    p = sub.add_parser("run", help="production MD in the internal engine from a YAML config",
+                       epilog=_run_keys(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="YAML file, or a systems/<name> folder holding run.yaml")
     p.add_argument("--steps", type=int, default=None, help="total steps (overrides the config)")
     p.add_argument("--out", default=None, help="output folder (overrides the config's output)")

@@ -222,3 +222,33 @@ def test_cli_reports_errors_without_traceback(tmp_path):
     assert out.returncode == 2
     assert "data: file" in out.stderr and "does not exist" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_cli_help_lists_everything_without_torch():
+    """`mlmd --help` names every subcommand and loads neither torch nor numba; `--version` works;
+    every `mlmd train` flag has a help line; `mlmd run --help` names the YAML keys."""
+    import argparse
+
+    from mlmd import __version__
+    from mlmd.cli import build_parser
+
+    code = ("import sys; from mlmd.cli import main\n"
+            "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            "print('LOADED', 'torch' in sys.modules, 'numba' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "LOADED False False" in out
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name in commands:
+        assert name in out, name
+    assert {"label", "train", "run", "learn", "bench", "audit"} <= set(commands)
+    version = subprocess.run([sys.executable, "-m", "mlmd.cli", "--version"], capture_output=True,
+                             text=True, check=True).stdout
+    assert version.strip() == f"mlmd {__version__}"
+    for action in commands["train"]._actions:
+        assert action.help, action.option_strings or action.dest
+    from dataclasses import fields
+    from mlmd.md.run import RunConfig
+    epilog = commands["run"].format_help()
+    for f in fields(RunConfig):
+        assert f"  {f.name}:" in epilog, f.name

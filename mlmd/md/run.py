@@ -26,7 +26,6 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 
 from ..errors import InputError
-from .integrators import INTEGRATORS
 
 CONFIG_NAME = "run.yaml"
 
@@ -114,6 +113,7 @@ class RunConfig:
                 bad(key, "must be a file path")
             if not os.path.isfile(getattr(self, key)):
                 bad(key, "file does not exist")
+        from .integrators import INTEGRATORS   # numba: not needed for `mlmd run --help`
         if self.integrator not in INTEGRATORS:
             bad("integrator", f"must be one of {sorted(INTEGRATORS)}")
         for key in ("timestep", "friction", "tau"):

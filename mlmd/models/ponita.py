@@ -50,16 +50,7 @@ from torch import Tensor, nn
 
 from .forces import edge_forces
 
-DEFAULT_HYPERPARAMETERS: Dict[str, float] = {
-    "cutoff": 5.0,          # Å
-    "channels": 32,         # C, features per atom (and per point of its sphere signal)
-    "layers": 2,
-    "degree": 3,            # L, spherical-harmonic degree of the kernel in o . d / r
-    "correlation": 3,       # nu, highest product of sphere signals integrated (body order nu + 1)
-    "radial_basis": 8,      # Bessel functions
-    "radial_width": 64,     # hidden width of the radial MLP
-    "envelope_exponent": 6,
-}
+from .config import DEFAULT_HYPERPARAMETERS  # noqa: E402  (torch-free, for the CLI)
 
 # the grid-based files (mlmd <= 0.1) had these; they cannot be rebuilt by this class
 _GRID_HYPERPARAMETERS = ("grid", "angular_degree", "spherical_degree", "basis_width")

@@ -35,89 +35,10 @@ from .. import keys, units
 from ..errors import InputError
 from ..uncertainty import calibrate_file
 from .data import fingerprint, read_dataset
-from .ponita import DEFAULT_HYPERPARAMETERS, PonitaPotential
+from .config import DEFAULT_HYPERPARAMETERS, TrainConfig, add_train_arguments  # noqa: F401  (re-exported)
+from .ponita import PonitaPotential
 
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
-
-
-@dataclass
-class TrainConfig:
-    data: str
-    out: str
-    committee: int = 1
-    epochs: int = 300
-    batch_size: int = 10
-    lr: float = 5e-3
-    weight_decay: float = 1e-5
-    warmup_epochs: int = 5
-    ema_decay: float = 0.99
-    patience: int = 50
-    energy_weight: float = 1.0
-    force_weight: float = 10.0
-    stress_weight: float = 1.0        # a_W, for frames with a stress label (periodic data)
-    n_train: int = 500
-    n_val: int = 50
-    n_test: int = 100
-    seed: int = 0
-    bootstrap: bool = False
-    augment_rotations: bool = False   # rotate each batch at random (the model is exactly invariant: no gain)
-    dtype: str = "float32"
-    export_dtype: str = "float32"
-    resume: bool = False
-    max_minutes: float = 0.0          # 0: no limit; a hard stop, the schedule still runs over `epochs`
-    budget_minutes: float = 0.0       # > 0: train for this wall time, the cosine schedule over time, not epochs
-    progress: bool = True
-    hyperparameters: Dict[str, float] = field(default_factory=dict)
-
-    def validate(self) -> None:
-        for name in ("committee", "epochs", "batch_size", "n_train", "n_val"):
-            if getattr(self, name) < 1:
-                raise InputError(f"{name}: must be >= 1, got {getattr(self, name)}")
-        if self.n_test < 0:
-            raise InputError(f"n_test: must be >= 0, got {self.n_test}")
-        for name in ("dtype", "export_dtype"):
-            if getattr(self, name) not in _DTYPES:
-                raise InputError(f"{name}: expected one of {sorted(_DTYPES)}, got {getattr(self, name)!r}")
-        if self.budget_minutes < 0 or self.max_minutes < 0:
-            raise InputError("budget_minutes/max_minutes: must be >= 0 (0 = no limit)")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise InputError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
-        unknown = set(self.hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
-        if unknown:
-            raise InputError(f"hyperparameters: unknown {sorted(unknown)}; known: {sorted(DEFAULT_HYPERPARAMETERS)}")
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        values = {k: v for k, v in vars(args).items() if k in names and v is not None}
-        values["hyperparameters"] = {k: getattr(args, k) for k in DEFAULT_HYPERPARAMETERS
-                                     if getattr(args, k, None) is not None}
-        values["progress"] = not getattr(args, "no_progress", False)
-        return cls(**values)
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    d = TrainConfig.__dataclass_fields__
-    p.add_argument("data", help="extxyz file with energy and forces")
-    p.add_argument("--out", required=True, help="run directory (checkpoint, model.pt, parity.png, metrics.json)")
-    p.add_argument("--committee", type=int, default=d["committee"].default, help="members M")
-    p.add_argument("--bootstrap", action="store_true", help="each member trains on a bootstrap resample")
-    p.add_argument("--augment-rotations", dest="augment_rotations", action="store_true", default=None,
-                   help="rotate every training batch at random (no gain for the exactly invariant model)")
-    for name in ("epochs", "batch_size", "patience", "n_train", "n_val", "n_test", "seed"):
-        p.add_argument("--" + name.replace("_", "-"), type=int, default=d[name].default)
-    for name in ("lr", "weight_decay", "ema_decay", "energy_weight", "force_weight", "stress_weight",
-                 "max_minutes", "budget_minutes"):
-        p.add_argument("--" + name.replace("_", "-"), type=float, default=d[name].default)
-    p.add_argument("--warmup-epochs", type=int, default=d["warmup_epochs"].default)
-    p.add_argument("--dtype", default="float32", choices=sorted(_DTYPES), help="training precision")
-    p.add_argument("--export-dtype", default="float32", choices=sorted(_DTYPES))
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
-    p.add_argument("--no-progress", action="store_true")
-    for name, default in DEFAULT_HYPERPARAMETERS.items():
-        kind = float if name == "cutoff" else int
-        p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
-                       help=f"model hyper-parameter (default {default})")
 
 
 # ---------------------------------------------------------------------------------------
