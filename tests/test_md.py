@@ -50,9 +50,11 @@ def test_nve_energy_conservation_is_second_order(morse_file):
     fluctuation = {}
     for dt in (4.0, 2.0):
         sim = mlmd.Simulation(copper(), morse_file, integrator="verlet", timestep=dt, temperature=600, seed=3)
-        energy = conserved_series(sim, int(round(2000 / dt)), interval=max(1, int(round(10 / dt))))
+        interval = max(1, int(round(10 / dt)))
+        energy = conserved_series(sim, int(round(2000 / dt)), interval=interval)
         fluctuation[dt] = energy.std()
-        drift = np.polyfit(np.arange(len(energy)) * 10e-3, energy, 1)[0] / len(sim.state.positions)
+        time_ps = np.arange(len(energy)) * interval * dt * 1e-3      # samples every interval·dt fs
+        drift = np.polyfit(time_ps, energy, 1)[0] / len(sim.state.positions)
         print(f"dt {dt} fs: conserved std {energy.std():.3e} eV, drift {drift:.2e} eV/atom/ps")
         assert abs(drift) < 1e-4
     ratio = fluctuation[4.0] / fluctuation[2.0]
@@ -90,8 +92,36 @@ def test_maxwell_boltzmann_temperature(morse_file):
 
 
 @pytest.mark.parametrize("integrator", ["langevin", "bussi"])
+def test_thermostat_canonical_few_atoms(morse_file, integrator):
+    """The canonical kinetic-energy distribution where it is easy to tell apart: 4 atoms, N_f = 9,
+    so std(K)/<K> = sqrt(2/N_f) = 0.47. Mean, relative std and a KS test against Gamma(N_f/2, kT)
+    on 600 samples 80 fs apart (torch-sim's physical-validation idea, cheap enough for CI).
+    Without Bussi's cross term 2 R_1 sqrt(c(1-c) K K_0/N_f) <T> stays right but std(K) does not."""
+    from scipy import stats
+
+    sim = mlmd.Simulation(copper(repeat=1), morse_file, integrator=integrator, timestep=4.0,
+                          temperature=300, friction=20.0, tau=50.0, seed=5)
+    sim.run(500)
+    kinetic = []
+    sim.attach(lambda s: kinetic.append(s.kinetic_energy), 20)
+    sim.run(12000)
+    kinetic = np.array(kinetic[1:])
+    kt = units.BOLTZMANN_EV_PER_K * 300
+    shape = sim.dof / 2
+    rel_std = kinetic.std() / kinetic.mean()
+    ks = stats.kstest(kinetic, stats.gamma(a=shape, scale=kt).cdf)
+    print(f"{integrator}: N_f {sim.dof}, <K>/(N_f kT/2) {kinetic.mean() / (shape * kt):.3f}, "
+          f"std(K)/<K> {rel_std:.3f} vs {np.sqrt(1 / shape):.3f}, KS p {ks.pvalue:.3g}, {len(kinetic)} samples")
+    assert sim.dof == 9
+    assert abs(kinetic.mean() / (shape * kt) - 1) < 0.1
+    assert abs(rel_std / np.sqrt(1 / shape) - 1) < 0.12
+    assert ks.pvalue > 1e-3
+
+
+@pytest.mark.parametrize("integrator", ["langevin", "bussi"])
 def test_thermostat_short(morse_file, integrator):
-    """Fast check; the long statistics are in test_thermostat_canonical (slow)."""
+    """Mean T of a 108-atom crystal and the booked thermostat energy; the distribution is checked
+    on few atoms above and at length in test_thermostat_canonical (slow)."""
     sim = mlmd.Simulation(copper(), morse_file, integrator=integrator, timestep=4.0, temperature=300,
                           friction=20.0, tau=50.0, seed=2)
     temps, conserved = [], []
