@@ -1,5 +1,6 @@
 """On-the-fly learning: σ scores and calibration, triggers, rollback, labelling (in process
 and Dask), fine-tuning, hot swaps in the three hosts, ``mlmd learn`` after a kill."""
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, SHIPPED_MODEL
+from mlmd import keys
 
 COPPER = os.path.join(ROOT, "systems", "copper", "copper_committee.pt")
 COPPER_DATA = os.path.join(ROOT, "systems", "copper", "data.extxyz")
@@ -19,6 +21,14 @@ COPPER_DATA = os.path.join(ROOT, "systems", "copper", "data.extxyz")
 def copper_frames():
     import ase.io
     return ase.io.read(COPPER_DATA, ":")
+
+
+def _test_split(frames):
+    """The copper committee's test frames (metrics.json): none of them in its training split."""
+    with open(os.path.join(os.path.dirname(COPPER), "metrics.json")) as handle:
+        split = json.load(handle)["split"]
+    assert not set(split["test"]) & set(split["train"])
+    return [frames[i] for i in split["test"]]
 
 
 def _bare(atoms):
@@ -53,13 +63,16 @@ def test_shipped_committee_calibration_ranks_errors(copper_frames, tmp_path):
     from mlmd.uncertainty import calibrate, plot_calibration
 
     pot = mlmd.load(COPPER)
-    held_out = copper_frames[-40:]
+    held_out = _test_split(copper_frames)          # never trained on, never used to calibrate
     cal = calibrate(pot, held_out)
-    print(f"\ncopper committee on 40 frames: c = {cal.factor:.2f}, Spearman per frame "
-          f"{cal.spearman_frame:.2f}, per atom {cal.spearman_atom:.2f}, miscalibration "
-          f"{cal.miscalibration_area:.3f}, force MAE {cal.force_mae:.4f} eV/Å")
-    assert 0.5 < cal.factor < 10
-    assert cal.spearman_frame > 0.3
+    documented = float(pot.metadata[keys.META_CALIBRATION])     # fitted on the validation split
+    print(f"\ncopper committee on its {len(held_out)} test frames: c = {cal.factor:.2f} (file: "
+          f"{documented:.2f}), Spearman per frame {cal.spearman_frame:.2f}, per atom "
+          f"{cal.spearman_atom:.2f}, miscalibration {cal.miscalibration_area:.3f}, force MAE "
+          f"{cal.force_mae:.4f} eV/Å")
+    # the factor the file carries holds on frames it was not fitted on
+    assert 0.8 < cal.factor / documented < 1.25
+    assert cal.spearman_frame > 0.6 and cal.spearman_atom > 0.25
     png = plot_calibration({"copper": cal}, str(tmp_path / "calibration.png"))
     assert os.path.getsize(png) > 10_000
 
@@ -286,9 +299,13 @@ def test_model_file_rebuilds_into_a_trainable_committee(copper_frames, tmp_path)
     model, init = trainable_from_potential(pot)
     path = export(model, tmp_path / "again.pt", dict(pot.metadata), dtype="float32")
     frame = copper_frames[200]
-    a, b = pot.compute_atoms(frame), mlmd.load(path).compute_atoms(frame)
-    np.testing.assert_array_equal(a["forces"], b["forces"])
-    train, held_out = copper_frames[::47], copper_frames[1::50]
+    a = pot.compute_atoms(frame)
+    # the same weights: equal in float64 (in float32 the shipped file, scripted before edge
+    # differences were taken in float64, rounds its positions first)
+    np.testing.assert_allclose(mlmd.load(path).with_dtype("float64").compute_atoms(frame)["forces"],
+                               pot.with_dtype("float64").compute_atoms(frame)["forces"], rtol=0, atol=1e-12)
+    test = _test_split(copper_frames)
+    train, held_out = test[:12], test[12:]       # fine-tuned on 12 unseen frames, scored on 91 others
     tuned, _, stats = finetune_committee(pot, train, FinetuneConfig(epochs=10, batch_size=4))
     assert len(stats["members"]) == 1          # in process: all 4 members in one batched pass
     tuned = mlmd.load(export(tuned, tmp_path / "tuned.pt", dict(pot.metadata), dtype="float32"))
@@ -297,7 +314,7 @@ def test_model_file_rebuilds_into_a_trainable_committee(copper_frames, tmp_path)
     # (lr 5e-3 without a warm-up took the held-out MAE from 0.021 to 0.23 eV/Å)
     before, after = force_mae(pot, held_out), force_mae(tuned, held_out)
     print(f"\nheld-out force MAE before/after fine-tuning: {before:.4f} / {after:.4f} eV/Å")
-    assert after < 1.25 * before
+    assert after < 1.05 * before
 
 
 def test_set_calibration_rescales_sigma_without_rescripting(copper_frames, tmp_path):
