@@ -17,7 +17,7 @@ from . import keys
 __all__ = ["check_output_shapes", "check_forces_finite_difference", "check_translation_invariance",
            "check_permutation_invariance", "rotation_invariance_error", "rotation_tolerance",
            "check_rotation_invariance", "check_cutoff_continuity",
-           "check_isolated_atoms", "check_committee_consistency", "check_periodic_images", "check_nve_drift",
+           "check_cutoff_force_continuity", "check_isolated_atoms", "check_committee_consistency", "check_periodic_images", "check_nve_drift",
            "random_rotation", "audit"]
 
 
@@ -206,6 +206,33 @@ def check_cutoff_continuity(potential, step: float = 1e-5, atol: Optional[float]
     return worst
 
 
+def check_cutoff_force_continuity(potential, step: float = 1e-5, atol: Optional[float] = None) -> float:
+    """max |F(rc - step/2) - F(rc + step/2)| over dimers of the model's species (eV/Å).
+
+    Beyond the cutoff a dimer feels no force; a model whose energy is continuous at rc but whose
+    slope is not (an envelope that goes to zero with a kink) gives a force jump that breaks
+    energy conservation each time a pair crosses rc, which the energy check cannot see.
+    """
+    from ase import Atoms
+
+    rc = potential.cutoff
+    tol = atol if atol is not None else (1e-6 if potential.dtype.itemsize == 8 else 1e-4)
+    worst = 0.0
+    species = potential.species
+    for a in species:
+        for b in species:
+            if b < a:
+                continue
+            forces = []
+            for r in (rc - step / 2, rc + step / 2):
+                dimer = Atoms(numbers=[a, b], positions=[[0, 0, 0], [r, 0, 0]])
+                forces.append(_compute(potential, dimer)[keys.FORCES])
+            worst = max(worst, float(np.abs(forces[0] - forces[1]).max()))
+    if tol is not None:
+        assert worst <= tol, f"forces jump by {worst:.3e} eV/Å across the cutoff (> {tol:.1e})"
+    return worst
+
+
 def check_isolated_atoms(potential, atol: Optional[float] = None) -> Dict[str, float]:
     """Isolated atoms feel no force; two atoms beyond the cutoff have the sum of their energies."""
     from ase import Atoms
@@ -249,7 +276,31 @@ def check_committee_consistency(potential, atoms) -> Dict[str, float]:
     calib = float(potential.metadata.get(keys.META_CALIBRATION, 1.0))
     assert abs(sigma.max() * calib - out[keys.UNCERTAINTY]) <= tol * 10, "uncertainty != max forces_std x calibration"
     assert out[keys.ENERGY_STD] > 0.0, "committee members are identical (energy_std = 0)"
-    return {"energy_std": float(out[keys.ENERGY_STD]), "uncertainty": float(out[keys.UNCERTAINTY])}
+    # the members' own forces, from central differences of their own energies (not from the
+    # module's member_forces): the committee statistics must follow from these
+    delta = 1e-4 if potential.dtype.itemsize == 8 else 1e-2
+    atoms_checked = sorted(set(np.linspace(0, len(atoms) - 1, min(3, len(atoms))).round().astype(int)))
+    fd_forces = np.zeros((potential.committee_size, len(atoms_checked), 3))
+    for row, i in enumerate(atoms_checked):
+        for k in range(3):
+            energies = []
+            for sign in (+1.0, -1.0):
+                positions = atoms.positions.copy()
+                positions[i, k] += sign * delta
+                energies.append(_compute(potential, atoms, positions)[keys.MEMBER_ENERGIES])
+            fd_forces[:, row, k] = -(energies[0] - energies[1]) / (2 * delta)
+    fd_sigma = np.sqrt(((fd_forces - fd_forces.mean(0)) ** 2).sum(-1).mean(0))
+    fd_tol = 1e-5 if potential.dtype.itemsize == 8 else 5e-2
+    force_scale = max(1.0, float(np.abs(fd_forces).max()))
+    member_error = float(np.abs(fd_forces - f_m[:, atoms_checked]).max())
+    assert member_error <= fd_tol * force_scale, \
+        f"member forces differ from the members' own energy gradients by {member_error:.3e} eV/Å"
+    assert np.allclose(fd_forces.mean(0), out[keys.FORCES][atoms_checked], atol=fd_tol * force_scale), \
+        "forces are not the mean of the members' own forces"
+    assert np.allclose(fd_sigma, out[keys.FORCES_STD][atoms_checked], atol=fd_tol * force_scale), \
+        "forces_std is not the spread of the members' own forces"
+    return {"energy_std": float(out[keys.ENERGY_STD]), "uncertainty": float(out[keys.UNCERTAINTY]),
+            "member_force_error": member_error}
 
 
 def check_periodic_images(potential, atoms, atol: Optional[float] = None, seed: int = 0) -> Dict[str, float]:
@@ -355,6 +406,8 @@ def audit(model, atoms=None, dtype: str = "float64", n_rotations: int = 100, pri
         ("NVE, 200 x 0.25 fs at 300 K", lambda: check_nve_drift(potential, atoms),
          lambda v: f"max |ΔE_total| {v['max_deviation_per_atom']:.2e} eV/atom"),
         ("continuity at the cutoff |ΔE| eV", lambda: check_cutoff_continuity(potential, atol=1e-6 if dtype == "float64" else 1e-4),
+         lambda v: f"{v:.2e}"),
+        ("continuity at the cutoff |ΔF| eV/Å", lambda: check_cutoff_force_continuity(potential),
          lambda v: f"{v:.2e}"),
         ("isolated atoms", lambda: check_isolated_atoms(potential),
          lambda v: f"force {v['max_force']:.1e}, separated pair {v['separated_pair_error']:.1e} eV"),

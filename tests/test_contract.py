@@ -129,6 +129,11 @@ def test_energy_continuous_across_cutoff(potential, ethanol):
     assert abs(energies[0] - energies[1]) < 1e-6, energies
 
 
+def test_forces_continuous_across_cutoff(potential):
+    """The dimer force goes to zero at rc without a jump (the envelope's slope, not only its value)."""
+    assert testing.check_cutoff_force_continuity(potential, step=1e-5, atol=1e-6) < 1e-6
+
+
 def test_isolated_atoms_and_locality(potential):
     result = testing.check_isolated_atoms(potential)
     assert result["max_force"] == 0.0

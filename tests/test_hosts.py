@@ -8,7 +8,7 @@ import torch
 from mlmd import units
 from mlmd.errors import InputError
 
-from conftest import SHIPPED_MODEL
+from conftest import ROOT, SHIPPED_MODEL
 
 # ---- helpers ----------------------------------------------------------------------------
 
@@ -161,8 +161,14 @@ def test_ase_loads_a_path_and_casts_dtype(model_file, ethanol):
     calc = MLMDCalculator(model_file, dtype="float32")
     ethanol.calc = calc
     assert calc.potential.dtype.itemsize == 4
-    assert np.isfinite(ethanol.get_potential_energy())
-    assert ethanol.get_forces().dtype == np.float64   # ASE's integrators get float64 either way
+    energy32, forces32 = ethanol.get_potential_energy(), ethanol.get_forces()
+    assert forces32.dtype == np.float64               # ASE's integrators get float64 either way
+    ethanol.calc = MLMDCalculator(model_file, dtype="float64")
+    energy64, forces64 = ethanol.get_potential_energy(), ethanol.get_forces()
+    # float32 round-off, not another model: ~1e-7 relative in E, ~1e-5 eV/Å in F
+    assert energy32 == pytest.approx(energy64, rel=1e-6)
+    assert np.abs(forces32 - forces64).max() < 1e-4 * max(1.0, np.abs(forces64).max())
+    assert np.abs(forces32 - forces64).max() > 0.0    # it did compute in float32
 
 
 def test_ase_bad_inputs_name_the_argument(calc, ethanol, periodic_triclinic):
@@ -244,15 +250,19 @@ def test_ase_velocity_verlet_runs(ethanol):
 
     from mlmd.plugins.ase import MLMDCalculator
 
-    ethanol.calc = MLMDCalculator(SHIPPED_MODEL)
+    ethanol.calc = MLMDCalculator(SHIPPED_MODEL, dtype="float64")
     rng = np.random.default_rng(0)
     masses = ethanol.get_masses()[:, None]
     ethanol.set_momenta(rng.normal(size=(len(ethanol), 3)) * np.sqrt(masses * ase_units.kB * 300.0))
     dyn = VelocityVerlet(ethanol, timestep=0.5 * ase_units.fs)
     energies = []
-    dyn.attach(lambda: energies.append(ethanol.get_total_energy()), interval=1)
-    dyn.run(20)
-    assert len(energies) == 21 and np.isfinite(energies).all()
+    dyn.attach(lambda: energies.append(ethanol.get_total_energy()), interval=2)
+    dyn.run(400)
+    energies = np.array(energies)
+    drift = np.polyfit(np.arange(len(energies)) * 1e-3, energies, 1)[0] / len(ethanol)
+    print(f"ASE VelocityVerlet 0.2 ps: total-energy std {energies.std():.2e} eV, drift {drift:.2e} eV/atom/ps")
+    # the engine's bounds for the same model (test_md.test_ethanol_nve_short)
+    assert len(energies) == 201 and energies.std() < 2e-3 and abs(drift) < 1e-3
     assert np.isfinite(ethanol.calc.results["uncertainty"])
 
 
@@ -395,14 +405,18 @@ def test_openmm_verlet_run(ethanol):
     _openmm()
     from mlmd.plugins.openmm import create_python_force
 
-    context = _context(ethanol, create_python_force(SHIPPED_MODEL, ethanol.numbers), "CPU")
+    context = _context(ethanol, create_python_force(SHIPPED_MODEL, ethanol.numbers, dtype="float64"), "CPU")
     context.setPositions(ethanol.positions * units.ANGSTROM_TO_NM)
     context.setVelocitiesToTemperature(300, 1)
-    context.getIntegrator().step(20)
-    state = context.getState(getEnergy=True, getPositions=True)
-    total = (state.getPotentialEnergy() + state.getKineticEnergy())._value
-    assert np.isfinite(total)
-    assert np.isfinite(state.getPositions(asNumpy=True)._value).all()
+    totals = []
+    for _ in range(200):
+        context.getIntegrator().step(2)
+        state = context.getState(getEnergy=True)
+        totals.append((state.getPotentialEnergy() + state.getKineticEnergy())._value * units.KJ_PER_MOL_TO_EV)
+    totals = np.array(totals)
+    drift = np.polyfit(np.arange(len(totals)) * 1e-3, totals, 1)[0] / len(ethanol)
+    print(f"OpenMM Verlet 0.2 ps: total-energy std {totals.std():.2e} eV, drift {drift:.2e} eV/atom/ps")
+    assert totals.std() < 2e-3 and abs(drift) < 1e-3
 
 
 def _pair_set(edge_index, shifts, cell):
@@ -599,6 +613,43 @@ def test_openmmml_needs_model_path():
     from mlmd.plugins.openmm import create_force
     with pytest.raises(InputError, match="path"):
         create_force(SHIPPED_MODEL, [6, 6, 8], path="gpu")
+
+
+def test_mixed_system_energy_split():
+    """openmm-ml's TestMechanicalEmbedding check: E_mixed = E_MM(all) - E_MM(ML atoms) + E_ML for
+    alanine dipeptide (the shipped committee) among TIP3P waters, amber14, no cutoff."""
+    openmm = _openmm()
+    pytest.importorskip("openmmml")
+    from openmm import app, unit
+    from openmmml import MLPotential
+
+    model = os.path.join(ROOT, "systems", "alanine_dipeptide", "alanine_dipeptide_committee.pt")
+    pdb = app.PDBFile(os.path.join(ROOT, "systems", "alanine_dipeptide", "alanine_dipeptide.pdb"))
+    forcefield = app.ForceField("amber14-all.xml", "amber14/tip3p.xml")
+    modeller = app.Modeller(pdb.topology, pdb.positions)
+    modeller.addSolvent(forcefield, model="tip3p", numAdded=12)
+    modeller.topology.setPeriodicBoxVectors(None)
+    positions = modeller.positions
+    ml_atoms = [a.index for a in modeller.topology.atoms() if a.residue.name != "HOH"]
+    peptide = app.Modeller(modeller.topology, positions)
+    peptide.delete([r for r in peptide.topology.residues() if r.name == "HOH"])
+
+    def energy(system, topology, xyz):
+        context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+        context.setPositions(xyz)
+        return context.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+
+    mm_all = forcefield.createSystem(modeller.topology, nonbondedMethod=app.NoCutoff, constraints=None)
+    mm_ml = forcefield.createSystem(peptide.topology, nonbondedMethod=app.NoCutoff, constraints=None)
+    mlp = MLPotential("mlmd", modelPath=model, path="python")
+    mixed = mlp.createMixedSystem(modeller.topology, mm_all, ml_atoms)
+    ml_only = mlp.createSystem(peptide.topology)
+    e_mixed = energy(mixed, modeller.topology, positions)
+    e_split = (energy(mm_all, modeller.topology, positions) - energy(mm_ml, peptide.topology, peptide.positions)
+               + energy(ml_only, peptide.topology, peptide.positions))
+    print(f"E_mixed {e_mixed:.4f} kJ/mol, E_MM(all) - E_MM(ML) + E_ML {e_split:.4f} kJ/mol")
+    assert len(ml_atoms) == 22 and modeller.topology.getNumAtoms() > 22
+    assert e_mixed == pytest.approx(e_split, abs=1e-3)
 
 
 def test_openmmml_honours_or_refuses_its_arguments(model_file, potential, ethanol):

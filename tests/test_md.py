@@ -12,7 +12,7 @@ from mlmd import units
 from mlmd.errors import InputError
 from mlmd.md.integrators import degrees_of_freedom
 
-from conftest import ETHANOL_DIR, SHIPPED_MODEL
+from conftest import ETHANOL_DIR, ROOT, SHIPPED_MODEL
 
 
 @pytest.fixture(scope="session")
@@ -257,6 +257,38 @@ def test_ethanol_nve_10ps():
     ratio = results[0.5] / results[0.25]
     print(f"fluctuation ratio 0.5 fs / 0.25 fs over the first ps: {ratio:.2f}")
     assert 3.0 < ratio < 5.0
+
+
+def test_copper_committee_nve_with_pairs_crossing_the_cutoff():
+    """The shipped copper committee (float64) in NVE at 600 K: its third shell (4.42 Å) sits at the
+    4.5 Å cutoff, so pairs enter and leave the cutoff sphere all the time; the total energy still
+    holds (a force jump at rc would show as a drift or steps in it)."""
+    import ase.io
+
+    from mlmd.neighbors import neighbor_pairs
+
+    folder = os.path.join(ROOT, "systems", "copper")
+    atoms = ase.io.read(os.path.join(folder, "data.extxyz"), 0)
+    sim = mlmd.Simulation(atoms, os.path.join(folder, "copper_committee.pt"), integrator="verlet",
+                          timestep=2.0, temperature=600, seed=2, dtype="float64")
+    cutoff = sim.potential.cutoff
+    pair_sets, energy = [], []
+
+    def sample(s):
+        energy.append(s.conserved_energy)
+        edge_index, _ = neighbor_pairs(s.state.positions, s.state.cell, s.state.pbc, cutoff)
+        pair_sets.append(set(map(tuple, edge_index.T.tolist())))
+
+    sim.attach(sample, 5)
+    sim.run(500)
+    crossings = sum(len(a ^ b) for a, b in zip(pair_sets, pair_sets[1:])) // 2
+    energy = np.array(energy)
+    time_ps = np.arange(len(energy)) * 5 * 2.0e-3
+    drift = np.polyfit(time_ps, energy, 1)[0] / len(atoms)
+    print(f"copper NVE 1 ps at 600 K: {crossings} pair crossings of rc = {cutoff} Å, conserved std "
+          f"{energy.std():.2e} eV, drift {drift:.2e} eV/atom/ps")
+    assert crossings > 100
+    assert energy.std() < 2e-3 and abs(drift) < 2e-4
 
 
 def test_degrees_of_freedom():
