@@ -144,8 +144,9 @@ def md_drivers(potential, atoms, timestep: float, steps: int, rounds: int = 5, w
         wrapped = dataclasses.replace(potential, module=timed)
         if name == "mlmd":
             from .md.simulation import Simulation
-            steppers[name] = (Simulation(atoms, wrapped, integrator="verlet", timestep=timestep, skin=1.0).run,
-                              timed)
+            # the threads this benchmark runs under, as the ASE and OpenMM drivers beside it
+            steppers[name] = (Simulation(atoms, wrapped, integrator="verlet", timestep=timestep, skin=1.0,
+                                         threads=torch.get_num_threads()).run, timed)
         elif name == "ase":
             from ase.md.verlet import VelocityVerlet
 
@@ -268,7 +269,7 @@ def bench_skin(n_cells: int = 8, steps: int = 2000, skins=(0.0, 0.25, 0.5, 1.0),
         model = export_morse(os.path.join(tmp, "cu.pt"), cutoff=5.0)
         for skin in skins:
             sim = Simulation(atoms, model, integrator="langevin", timestep=2.0, temperature=temperature,
-                             seed=0, skin=skin)
+                             seed=0, skin=skin, threads=torch.get_num_threads())
             verlet = sim.forces.neighbors
             spent = []
             update = verlet.update

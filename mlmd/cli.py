@@ -100,7 +100,7 @@ def _cmd_import_mace(args) -> int:
 def _cmd_run(args) -> int:
     from .md.run import RunConfig, run
 
-    overrides = {"steps": args.steps, "output": args.out}
+    overrides = {"steps": args.steps, "output": args.out, "threads": args.threads}
     config = RunConfig.from_file(args.config, overrides)
     summary = run(config, restart=args.restart, progress=not args.no_progress)
     return _print_run_summary(config, summary)
@@ -270,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="total steps (overrides the config)")
     p.add_argument("--out", default=None, help="output folder (overrides the config's output)")
     p.add_argument("--restart", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (overrides the config; default one per 256 atoms)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 

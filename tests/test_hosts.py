@@ -909,3 +909,43 @@ def test_torch_force_kernel_failures_are_recorded():
     torch_force._import_openmmtorch()
     for path, message in torch_force.KERNEL_LOAD_FAILURES.items():
         assert message and ("CUDA" in os.path.basename(path) or "OpenCL" in os.path.basename(path)), path
+
+
+def test_threads_option_in_every_host(ethanol, monkeypatch):
+    """threads= sets torch's CPU threads in the engine, the ASE calculator and both OpenMM paths;
+    the default for a 9-atom molecule is one thread; bad values are refused by name."""
+    import torch
+
+    import mlmd
+    from mlmd.plugins.ase import MLMDCalculator
+    from mlmd.threads import default_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("MKL_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        assert default_threads(9) == 1 and default_threads(10**6) >= 1
+        torch.set_num_threads(2)
+        mlmd.Simulation(ethanol, SHIPPED_MODEL)
+        assert torch.get_num_threads() == 1                  # the default for 9 atoms
+        mlmd.Simulation(ethanol, SHIPPED_MODEL, threads=2)
+        assert torch.get_num_threads() == 2
+        calc = MLMDCalculator(SHIPPED_MODEL, threads=1)
+        ethanol.calc = calc
+        ethanol.get_potential_energy()
+        assert torch.get_num_threads() == 1 and calc.threads == 1
+        monkeypatch.setenv("OMP_NUM_THREADS", "2")
+        torch.set_num_threads(2)
+        mlmd.Simulation(ethanol, SHIPPED_MODEL)              # the environment's choice rules
+        assert torch.get_num_threads() == 2
+        if pytest.importorskip("openmm"):
+            from mlmd.plugins.openmm import create_force
+            create_force(SHIPPED_MODEL, ethanol.numbers, path="python", threads=1)
+            assert torch.get_num_threads() == 1
+        for bad in (0, 1.5, "2"):
+            with pytest.raises(InputError, match="threads"):
+                mlmd.Simulation(ethanol, SHIPPED_MODEL, threads=bad)
+            with pytest.raises(InputError, match="threads"):
+                MLMDCalculator(SHIPPED_MODEL, threads=bad)
+    finally:
+        torch.set_num_threads(before)

@@ -202,3 +202,17 @@ def test_core_dependencies_are_declared():
             for dist in owners.get(module, []) if name(dist) not in optional}
     assert used, modules
     assert used <= covered, f"imported but not declared: {sorted(used - covered)}"
+
+
+def test_run_threads_key_and_flag(cu_config):
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(InputError, match="threads"):
+            RunConfig.from_file(cu_config(threads=0))
+        assert RunConfig.from_file(cu_config(threads=2)).threads == 2
+        assert main(["run", cu_config(steps=10, threads=2), "--threads", "1", "--no-progress"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -46,6 +46,7 @@ class RunConfig:
     remove_com: bool = True
     dtype: Optional[str] = None         # float32 | float64 (default: the model file's)
     device: str = "cpu"
+    threads: Optional[int] = None      # torch CPU threads (None: one per 256 atoms, mlmd.threads)
     output: str = "runs/md"
     trajectory: Optional[str] = None    # trajectory.dcd with OpenMM installed, else .extxyz
     trajectory_interval: int = 100
@@ -139,6 +140,9 @@ class RunConfig:
             bad("fixed", "must be a list of atom indices")
         if self.dtype not in (None, "float32", "float64"):
             bad("dtype", "must be float32 or float64")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 1):
+            bad("threads", "must be a whole number >= 1 (or left out for the default)")
         from .io import TRAJECTORY_FORMATS, check_trajectory_format
         if self.trajectory is None:
             # DCD where OpenMM is installed (what VMD/mdtraj users expect), else ASE's extxyz
@@ -182,7 +186,8 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True, extensi
     sim = Simulation(config.structure, config.model, integrator=config.integrator, timestep=config.timestep,
                      temperature=config.temperature, friction=config.friction, tau=config.tau,
                      seed=config.seed, skin=config.skin, fixed=config.fixed or None,
-                     remove_com=config.remove_com, dtype=config.dtype, device=config.device)
+                     remove_com=config.remove_com, dtype=config.dtype, device=config.device,
+                     threads=config.threads)
     log = CSVLog(os.path.join(out, "log.csv"), committee=sim.potential.committee_size > 1)
     trajectory = TrajectoryReporter(os.path.join(out, config.trajectory), sim.atoms, config.timestep,
                                     config.trajectory_interval)

@@ -95,13 +95,14 @@ class Simulation:
     fixed        indices (or a bool mask) of atoms that never move
     remove_com   hold the centre-of-mass momentum at zero (Langevin: every step)
     dtype        compute the model in "float32"/"float64" (default: the file's dtype)
+    threads      torch CPU threads (default: one per 256 atoms, see :mod:`mlmd.threads`)
     """
 
     def __init__(self, atoms, model: Union[str, os.PathLike, Potential], integrator: str = "verlet",
                  timestep: float = 0.5, temperature: Optional[float] = None, friction: float = 1.0,
                  tau: float = 100.0, seed: Optional[int] = None, skin: float = 1.0,
                  fixed: Optional[Sequence] = None, remove_com: bool = True, dtype: Optional[str] = None,
-                 device: Optional[str] = None):
+                 device: Optional[str] = None, threads: Optional[int] = None):
         if isinstance(atoms, (str, os.PathLike)):
             from .io import read_structure
             atoms = read_structure(atoms)
@@ -109,6 +110,9 @@ class Simulation:
             raise InputError(f"atoms: expected an ase.Atoms or a structure file, got {type(atoms).__name__}")
         if len(atoms) == 0:
             raise InputError("atoms: the structure has no atoms")
+        from ..threads import apply_threads, check_threads
+
+        check_threads(threads)
         potential = as_potential(model, device, dtype)
         if not isinstance(skin, (int, float)) or skin < 0:
             raise InputError(f"skin: must be a length >= 0 Å, got {skin!r}")
@@ -142,6 +146,7 @@ class Simulation:
             remove_com_motion(self.state)
             self.state.bath_energy = 0.0
         self.integrator.setup(self.state, self.dof)
+        self.threads = apply_threads(threads, len(atoms))
         self.forces = ModelForces(potential, self.state.numbers, cell, pbc, skin)
         self.forces(self.state)
         self.observers: List[Observer] = []

@@ -36,6 +36,9 @@ class MLMDCalculator(Calculator):
         or "cpu" when ``model`` is a path.
     dtype : {"float32", "float64"}, optional
         Precision to evaluate in; default the file's.  Use "float64" for finite-difference checks.
+    threads : int, optional
+        torch CPU threads for the model calls (process-wide); default one per 256 atoms, set at
+        the first calculation (see :mod:`mlmd.threads`).
     skin : float
         Verlet skin in Å.  With ``skin > 0`` a :class:`mlmd.neighbors.VerletList` keeps the
         candidates within ``cutoff + skin`` between calls, rebuilt only when an atom has moved
@@ -58,15 +61,19 @@ class MLMDCalculator(Calculator):
     default_parameters: dict = {}
 
     def __init__(self, model, device: Optional[str] = None, dtype: Optional[str] = None,
-                 skin: float = 0.0, **kwargs):
+                 skin: float = 0.0, threads: Optional[int] = None, **kwargs):
         # Calculator.__init__ would file any other keyword under `parameters` and never read it
         unknown = sorted(set(kwargs) - set(_CALCULATOR_KEYWORDS))
         if unknown:
             raise InputError(f"{', '.join(unknown)}: not an option of MLMDCalculator; it takes model, "
-                             f"device, dtype, skin and ASE's {', '.join(_CALCULATOR_KEYWORDS)}")
+                             f"device, dtype, skin, threads and ASE's {', '.join(_CALCULATOR_KEYWORDS)}")
         super().__init__(**kwargs)
         if skin < 0:
             raise InputError(f"skin: must be >= 0 Å, got {skin}")
+        from mlmd.threads import check_threads
+
+        self.threads = check_threads(threads)
+        self._threads_applied = False
         self.potential = as_potential(model, device, dtype)
         self.skin = float(skin)
         self._module = self.potential.module
@@ -127,6 +134,10 @@ class MLMDCalculator(Calculator):
                 raise InputError("properties: this model file does not support stress; "
                                  "ask only for energy and forces")
 
+        if not self._threads_applied:
+            from mlmd.threads import apply_threads
+            self.threads = apply_threads(self.threads, len(positions))
+            self._threads_applied = True
         edge_index, shifts = self._pairs(positions, cell, pbc)
         if self.potential.dtype != torch.float64:
             positions, shifts = local_frame(positions, cell, pbc, edge_index, shifts)

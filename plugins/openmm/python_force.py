@@ -194,7 +194,7 @@ def _numbers_from(topology_or_numbers):
 
 def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int]] = None,
                         periodic: Optional[bool] = None, *, device: Optional[str] = None,
-                        dtype: Optional[str] = None, skin: float = 0.0):
+                        dtype: Optional[str] = None, skin: float = 0.0, threads: Optional[int] = None):
     """An ``openmm.PythonForce`` that evaluates an mlmd model every step.
 
     Parameters
@@ -217,6 +217,8 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
         potential's own device ("cpu" for a path) and the file's dtype.
     skin : float
         Verlet skin in Å, used when :class:`mlmd.neighbors.VerletList` is available.
+    threads : int, optional
+        torch CPU threads (process-wide); default one per 256 ML atoms (:mod:`mlmd.threads`).
 
     Returns
     -------
@@ -225,10 +227,14 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
         kJ/mol/nm.  ``force.computation`` is the :class:`MLMDComputation`, whose ``last``
         outputs and ``uncertainty`` can be read after a step.
     """
+    from mlmd.threads import apply_threads, check_threads
+
+    check_threads(threads)
     openmm = _import_openmm()
     potential = as_potential(model, device, dtype)
     numbers, atoms, periodic = _ml_region(potential, topology_or_numbers, atoms, periodic)
     ml_numbers = numbers if atoms is None else numbers[atoms]
+    apply_threads(threads, len(ml_numbers))
     # OpenMM >= 8.6 passes only the ML particles to the callback; 8.5 passes all of them
     subset_in_force = atoms is not None and hasattr(openmm.PythonForce, "setParticles")
     particles = None if atoms is None or subset_in_force else atoms

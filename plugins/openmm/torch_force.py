@@ -276,17 +276,22 @@ def torch_force_available() -> bool:
     return True
 
 
-def create_torch_force(model, topology_or_numbers, atoms=None, periodic=None, *, device=None, dtype=None):
+def create_torch_force(model, topology_or_numbers, atoms=None, periodic=None, *, device=None, dtype=None,
+                       threads=None):
     """An openmm-torch ``TorchForce`` evaluating an mlmd model inside OpenMM.
 
     Arguments as :func:`~mlmd.plugins.openmm.create_python_force`.  The scripted module is
     built here from the model file; energies in kJ/mol, forces in kJ/mol/nm.
     """
+    from mlmd.threads import apply_threads, check_threads
     from .python_force import _ml_region, remember_settings
 
+    check_threads(threads)
     openmmtorch = _import_openmmtorch()
     potential = as_potential(model, device, dtype)
     numbers, ml_atoms, periodic = _ml_region(potential, topology_or_numbers, atoms, periodic)
+    # libtorch inside OpenMM's loop shares this process's intra-op thread pool
+    apply_threads(threads, len(numbers) if ml_atoms is None else len(ml_atoms))
     module = TorchForceModule(potential.module, numbers[ml_atoms] if ml_atoms is not None else numbers,
                               len(numbers), ml_atoms, periodic, potential.cutoff)
     force = openmmtorch.TorchForce(torch.jit.script(module))

@@ -10,7 +10,8 @@ mlmd is installed, openmm-ml users write
 
 Extra arguments of ``MLPotential``/``createSystem``: ``modelPath`` (required), ``path``
 ("auto": openmm-torch's TorchForce when it loads, else OpenMM's PythonForce; or "torch" /
-"python"), ``device``, ``dtype``.
+"python"), ``device``, ``dtype``, ``threads`` (torch CPU threads, see mlmd.threads); any
+other keyword is refused by name.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ class MLMDPotentialImplFactory(MLPotentialImplFactory):
         return MLMDPotentialImpl(modelPath, **args)
 
 
-_OPTIONS = ("path", "device", "dtype")
+_OPTIONS = ("path", "device", "dtype", "threads")
 
 
 def _refuse_unknown(where: str, args: dict) -> None:
@@ -50,11 +51,13 @@ class MLMDPotentialImpl(MLPotentialImpl):
     """Adds the mlmd force (TorchForce or PythonForce path) for the ML atoms."""
 
     def __init__(self, modelPath: str, path: str = "auto", device: Optional[str] = None,
-                 dtype: Optional[str] = None):
+                 dtype: Optional[str] = None, threads: Optional[int] = None):
         from mlmd.potential import as_potential
+        from mlmd.threads import check_threads
 
         self.potential = as_potential(modelPath, device, dtype)
         self.path = path
+        self.threads = check_threads(threads)
 
     def getMLLongRange(self) -> bool:
         """mlmd models are local: every interaction ends at the model's cutoff."""
@@ -62,7 +65,8 @@ class MLMDPotentialImpl(MLPotentialImpl):
 
     def addForces(self, topology: openmm.app.Topology, system: openmm.System,
                   atoms: Optional[Iterable[int]], forceGroup: int, path: Optional[str] = None,
-                  device: Optional[str] = None, dtype: Optional[str] = None, **args) -> None:
+                  device: Optional[str] = None, dtype: Optional[str] = None, threads: Optional[int] = None,
+                  **args) -> None:
         """Called by createSystem/createMixedSystem; their ``path``, ``device`` and ``dtype``
         override the ones given to MLPotential, any other keyword is refused by name."""
         from mlmd.plugins.openmm import create_force
@@ -71,6 +75,6 @@ class MLMDPotentialImpl(MLPotentialImpl):
         _refuse_unknown("createSystem/createMixedSystem", args)
         potential = as_potential(self.potential, device, dtype)
         force = create_force(potential, topology, atoms=None if atoms is None else list(atoms),
-                             path=path or self.path)
+                             path=path or self.path, threads=threads or self.threads)
         force.setForceGroup(forceGroup)
         system.addForce(force)
