@@ -338,6 +338,29 @@ class Potential:
         return self.compute(atoms.get_positions(), atoms.get_atomic_numbers(),
                             np.asarray(atoms.get_cell()), atoms.get_pbc(), stress=stress)
 
+    def compute_batch(self, frames, stress: bool = False, progress: bool = False) -> List[Dict[str, np.ndarray]]:
+        """Evaluate many frames (screening): one result dict per ``ase.Atoms``, in order.
+
+        Every frame is checked before any is computed, so a bad frame k (an element the model
+        lacks, NaN positions) raises an InputError naming ``frames[k]`` at once instead of after
+        an hour of work. ``progress`` shows a bar.
+        """
+        frames = list(frames)
+        for index, atoms in enumerate(frames):
+            if not hasattr(atoms, "get_positions"):
+                raise InputError(f"frames[{index}]: expected an ase.Atoms, got {type(atoms).__name__}")
+            try:
+                self.check_numbers(atoms.get_atomic_numbers())
+                if not np.isfinite(atoms.get_positions()).all():
+                    raise InputError("positions: NaN or Inf")
+            except InputError as exc:
+                raise InputError(f"frames[{index}]: {exc}") from None
+        iterator = frames
+        if progress:
+            from tqdm.auto import tqdm
+            iterator = tqdm(frames, desc="mlmd compute_batch", unit="frame")
+        return [self.compute_atoms(atoms, stress=stress) for atoms in iterator]
+
 
 def local_frame(positions: np.ndarray, cell: np.ndarray, pbc: np.ndarray, edge_index: np.ndarray,
                 shifts: np.ndarray):

@@ -949,3 +949,54 @@ def test_threads_option_in_every_host(ethanol, monkeypatch):
                 MLMDCalculator(SHIPPED_MODEL, threads=bad)
     finally:
         torch.set_num_threads(before)
+
+
+def test_ase_committee_properties_pickling_and_batch(ethanol, tmp_path):
+    """σ outputs are ASE properties (get_property; Trajectory and extxyz keep them), member
+    energies/forces are in the results, the calculator pickles (reloads from its file) for
+    multiprocessing, and Potential.compute_batch evaluates a list of frames."""
+    import pickle
+
+    import ase.io
+    from ase.io.trajectory import Trajectory
+
+    import mlmd
+    from mlmd import keys
+    from mlmd.plugins.ase import MLMDCalculator
+
+    calc = MLMDCalculator(SHIPPED_MODEL, dtype="float64")
+    ethanol.calc = calc
+    sigma = calc.get_property("uncertainty", ethanol)
+    forces_std = calc.get_property("forces_std", ethanol)
+    members = calc.results[keys.MEMBER_FORCES]
+    assert members.shape == (calc.potential.committee_size, len(ethanol), 3)
+    np.testing.assert_allclose(members.mean(0), ethanol.get_forces(), atol=1e-12)
+    assert calc.results[keys.MEMBER_ENERGIES].mean() == pytest.approx(ethanol.get_potential_energy(), rel=1e-12)
+    with Trajectory(tmp_path / "t.traj", "w") as traj:
+        traj.write(ethanol)
+    back = ase.io.read(tmp_path / "t.traj")
+    assert back.calc.get_property("uncertainty") == pytest.approx(sigma, rel=1e-12)
+    ase.io.write(tmp_path / "t.extxyz", ethanol)
+    again = ase.io.read(tmp_path / "t.extxyz")
+    np.testing.assert_allclose(again.calc.results["forces_std"], forces_std, rtol=1e-6)
+    assert again.calc.results["uncertainty"] == pytest.approx(sigma, rel=1e-6)
+
+    clone = pickle.loads(pickle.dumps(calc))
+    assert clone.potential.path == calc.potential.path and clone.potential.dtype == calc.potential.dtype
+    other = ethanol.copy()
+    other.calc = clone
+    assert other.get_potential_energy() == pytest.approx(ethanol.get_potential_energy(), rel=1e-12)
+    with pytest.raises(TypeError, match="pickled"):
+        pickle.dumps(MLMDCalculator(mlmd.load(SHIPPED_MODEL).__class__(module=calc.potential.module,
+                                                                       metadata=calc.potential.metadata)))
+
+    pot = mlmd.load(SHIPPED_MODEL)
+    frames = ase.io.read(os.path.join(os.path.dirname(SHIPPED_MODEL), "data.extxyz"), ":5")
+    batch = pot.compute_batch(frames)
+    assert len(batch) == 5
+    for atoms, out in zip(frames, batch):
+        np.testing.assert_array_equal(out["forces"], pot.compute_atoms(atoms)["forces"])
+    bad = frames[3].copy()
+    bad.numbers[0] = 26
+    with pytest.raises(InputError, match=r"frames\[1\].*Fe"):
+        pot.compute_batch([frames[0], bad])

@@ -58,6 +58,9 @@ class MLMDCalculator(Calculator):
     """
 
     implemented_properties = ["energy", "free_energy", "forces", "stress", "energies"]
+    #: what a committee adds (get_property works for these; see register_ase_properties)
+    committee_properties = [keys.ENERGY_STD, keys.FORCES_STD, keys.UNCERTAINTY,
+                            keys.MEMBER_ENERGIES, keys.MEMBER_FORCES]
     default_parameters: dict = {}
 
     def __init__(self, model, device: Optional[str] = None, dtype: Optional[str] = None,
@@ -73,9 +76,13 @@ class MLMDCalculator(Calculator):
         from mlmd.threads import check_threads
 
         self.threads = check_threads(threads)
+        self._threads_asked = self.threads
         self._threads_applied = False
         self.potential = as_potential(model, device, dtype)
         self.skin = float(skin)
+        if self.potential.committee_size > 1:
+            register_ase_properties()
+            self.implemented_properties = type(self).implemented_properties + self.committee_properties
         self._module = self.potential.module
         self._device = torch.device(self.potential.device)
         self._committee = self.potential.committee_size > 1
@@ -163,7 +170,24 @@ class MLMDCalculator(Calculator):
             results[keys.ENERGY_STD] = float(out[keys.ENERGY_STD].detach())
             results[keys.FORCES_STD] = _numpy64(out[keys.FORCES_STD])
             results[keys.UNCERTAINTY] = float(out[keys.UNCERTAINTY].detach())
+            results[keys.MEMBER_ENERGIES] = _numpy64(out[keys.MEMBER_ENERGIES])
+            results[keys.MEMBER_FORCES] = _numpy64(out[keys.MEMBER_FORCES])
         self.results = results
+
+    # ---- pickling (multiprocessing, Dask): reload from the model file -----------------------
+    def __getstate__(self):
+        if not self.potential.path:
+            raise TypeError("MLMDCalculator: a calculator made from an in-memory Potential cannot be "
+                            "pickled; make it from the model file path, MLMDCalculator('model.pt')")
+        return {"path": self.potential.path, "device": self.potential.device,
+                "dtype": self.potential.dtype_override, "skin": self.skin, "threads": self._threads_asked,
+                "directory": self.directory, "atoms": self.atoms, "results": dict(self.results)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"], device=state["device"], dtype=state["dtype"], skin=state["skin"],
+                      threads=state["threads"], directory=state["directory"])
+        self.atoms = state["atoms"]
+        self.results = state["results"]
 
     def check_state(self, atoms, tol: float = 1e-15):
         """What changed since the last calculation, among the inputs the model depends on.
@@ -198,6 +222,31 @@ class MLMDCalculator(Calculator):
     def __repr__(self) -> str:
         return (f"MLMDCalculator({self.potential.path or '<Potential>'!r}, device={self.potential.device!r}, "
                 f"dtype={self.potential.metadata[keys.META_DTYPE]!r}, skin={self.skin})")
+
+
+_COMMITTEE_OUTPUTS = {keys.ENERGY_STD: (), keys.FORCES_STD: "natoms", keys.UNCERTAINTY: ()}
+
+
+def register_ase_properties() -> None:
+    """Make ASE know energy_std, forces_std and uncertainty as calculator properties, so that
+    ase.io.Trajectory and extxyz keep them with energy and forces (ASE writes only the names in
+    its ``all_properties``) and SinglePointCalculator accepts them when the file is read back."""
+    from ase.calculators import calculator as ase_calculator
+    from ase import outputs
+
+    for name, shape in _COMMITTEE_OUTPUTS.items():
+        if name not in outputs.all_outputs:
+            outputs._defineprop(name, float, shape=shape)
+        if name not in ase_calculator.all_properties:
+            ase_calculator.all_properties.append(name)
+    try:        # extxyz sorts known properties per atom / per frame when it is imported
+        from ase.io import extxyz
+    except ImportError:
+        return
+    for name, shape in _COMMITTEE_OUTPUTS.items():
+        target = extxyz.per_atom_properties if shape == "natoms" else extxyz.per_config_properties
+        if name not in target:
+            target.append(name)
 
 
 def _equal(a: np.ndarray, b: np.ndarray, tol: float) -> bool:
