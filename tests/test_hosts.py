@@ -1000,3 +1000,64 @@ def test_ase_committee_properties_pickling_and_batch(ethanol, tmp_path):
     bad.numbers[0] = 26
     with pytest.raises(InputError, match=r"frames\[1\].*Fe"):
         pot.compute_batch([frames[0], bad])
+
+
+def test_uncertainty_reporter_appends_and_reuses_the_force_sigma(ethanol, tmp_path):
+    """append=True continues a restarted job's σ log (header once, rows kept); when a
+    StateDataReporter has the PythonForce evaluated at the report step, its σ is reused (no second
+    committee call) and equals a direct evaluation."""
+    openmm = _openmm()
+    from openmm import app
+
+    import mlmd
+    from mlmd.plugins.openmm import UncertaintyReporter
+
+    def run(log, append):
+        simulation = _app_simulation(SHIPPED_MODEL, ethanol, openmm.VerletIntegrator(0.0005), path="python")
+        simulation.context.setVelocitiesToTemperature(300, 1)
+        reporter = UncertaintyReporter(log, 5, SHIPPED_MODEL, simulation.topology, append=append)
+        simulation.reporters += [app.StateDataReporter(str(tmp_path / "state.csv"), 5, potentialEnergy=True),
+                                 reporter]
+        simulation.step(10)
+        reporter.close()
+        return simulation, reporter
+
+    log = tmp_path / "sigma.csv"
+    run(log, append=False)
+    simulation, reporter = run(log, append=True)
+    rows = log.read_text().splitlines()
+    assert rows[0].startswith("step,") and sum(r.startswith("step,") for r in rows) == 1
+    assert len(rows) == 1 + 2 + 2
+    assert reporter.reused
+    positions = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value * units.NM_TO_ANGSTROM
+    direct = mlmd.load(SHIPPED_MODEL).compute(positions, ethanol.numbers)
+    assert reporter.last["uncertainty"] == pytest.approx(float(direct["uncertainty"]), rel=1e-6)
+    with pytest.raises(InputError, match="append"):
+        (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+        UncertaintyReporter(tmp_path / "other.csv", 5, SHIPPED_MODEL, simulation.topology, append=True)
+
+
+def test_python_force_xml_references_the_model_file(ethanol, tmp_path):
+    """A serialised System names the model file it needs: a missing or changed file is refused
+    with that path in the message, not a pickle error or a silently different model."""
+    openmm = _openmm()
+    import shutil
+
+    from mlmd.errors import ModelFileError
+    from mlmd.plugins.openmm import create_python_force
+
+    model = tmp_path / "model.pt"
+    shutil.copy(SHIPPED_MODEL, model)
+    system = openmm.System()
+    for mass in ethanol.get_masses():
+        system.addParticle(float(mass))
+    system.addForce(create_python_force(str(model), ethanol.numbers))
+    xml = openmm.XmlSerializer.serialize(system)
+    openmm.XmlSerializer.deserialize(xml)                   # the file is there: loads
+    with open(model, "ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(Exception, match="changed since this System was serialised"):
+        openmm.XmlSerializer.deserialize(xml)
+    model.unlink()
+    with pytest.raises(Exception, match=f"references the model file.*{model.name}"):
+        openmm.XmlSerializer.deserialize(xml)

@@ -7,14 +7,15 @@ the way in, energy eV -> kJ/mol and forces eV/Å -> kJ/mol/nm on the way out.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from mlmd import keys, units
-from mlmd.errors import InputError, missing_dependency
-from mlmd.potential import Potential, as_potential
+from mlmd.errors import InputError, ModelFileError, missing_dependency
+from mlmd.potential import Potential, as_potential, local_frame
 
 __all__ = ["create_python_force", "MLMDComputation"]
 
@@ -63,6 +64,8 @@ class MLMDComputation:
         self._pbc = np.full(3, self.periodic)
         self._pbc_t = torch.as_tensor(self._pbc, device=device)
         self._zero_cell = np.zeros((3, 3))
+        self._local_frame = potential.dtype != torch.float64
+        self.last_positions = None
         # reused every step: OpenMM copies the returned forces before the next call
         self._positions = np.empty((n, 3))
         self._forces = np.empty((n, 3))
@@ -116,6 +119,9 @@ class MLMDComputation:
         else:
             edge_index, shifts = self._neighbor_pairs(positions, cell, self._pbc, self._cutoff)
         dev = self._device
+        self.last_positions = positions          # Å, [n] of the ML atoms; read by UncertaintyReporter
+        if self._local_frame:
+            positions, shifts = local_frame(positions, cell, self._pbc, edge_index, shifts)
         # float64 inputs: the module casts to its own dtype, exactly as for Potential.compute
         out = self._module(torch.as_tensor(positions, device=dev), self._numbers_t,
                            torch.as_tensor(cell, device=dev), self._pbc_t,
@@ -148,13 +154,25 @@ class MLMDComputation:
         if not self.potential.path:
             raise TypeError("an MLMDComputation built from an in-memory Potential cannot be pickled; "
                             "create the force from a model file path to serialise the System")
-        return {"path": self.potential.path, "device": self.potential.device,
+        # the XML references the model file (absolute path and content hash), it does not hold it
+        return {"model_file": os.path.abspath(self.potential.path),
+                "model_sha256": _sha256(self.potential.path), "device": self.potential.device,
                 "dtype": self.potential.metadata[keys.META_DTYPE], "numbers": self.numbers,
                 "periodic": self.periodic, "skin": self.skin, "particles": self.particles,
                 "n_particles": self.n_particles}
 
     def __setstate__(self, state):
-        self.potential = as_potential(state["path"], state["device"], state["dtype"])
+        path = state.get("model_file", state.get("path"))
+        if not os.path.isfile(path):
+            raise ModelFileError(f"this serialised System's mlmd PythonForce references the model file "
+                                 f"{path!r}, which does not exist here; copy the file to that path (the "
+                                 "XML holds only its path and SHA-256, not the model)")
+        want = state.get("model_sha256")
+        if want is not None and _sha256(path) != want:
+            raise ModelFileError(f"the model file {path!r} changed since this System was serialised "
+                                 f"(SHA-256 {_sha256(path)[:12]}..., the XML expects {want[:12]}...); "
+                                 "restore that file or rebuild the System")
+        self.potential = as_potential(path, state["device"], state["dtype"])
         self.numbers = np.asarray(state["numbers"], dtype=np.int64)
         self.periodic = bool(state["periodic"])
         self.skin = float(state.get("skin", 0.0))
@@ -163,6 +181,16 @@ class MLMDComputation:
         self.n_particles = int(state.get("n_particles", len(self.numbers)))
         self.last = None
         self._setup()
+
+
+def _sha256(path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _numbers_from(topology_or_numbers):
@@ -247,7 +275,7 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
     force.setName("MLMD")
     # the SWIG object does not keep a Python reference we can reach; keep one for reporters
     force.computation = computation
-    remember_settings(force, potential)
+    remember_settings(force, potential, computation)
     return force
 
 
@@ -256,9 +284,11 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
 FORCE_SETTINGS: dict = {}
 
 
-def remember_settings(force, potential) -> None:
-    """Record ``potential``'s device and dtype override for :func:`swap_model` to keep."""
-    FORCE_SETTINGS[int(force.this)] = {"device": potential.device, "dtype": potential.dtype_override}
+def remember_settings(force, potential, computation=None) -> None:
+    """Record ``potential``'s device and dtype override for :func:`swap_model` to keep, and the
+    PythonForce's computation (its last outputs) for :class:`UncertaintyReporter` to reuse."""
+    FORCE_SETTINGS[int(force.this)] = {"device": potential.device, "dtype": potential.dtype_override,
+                                       "computation": computation}
 
 
 def _ml_region(potential, topology_or_numbers, atoms, periodic):

@@ -34,10 +34,14 @@ class UncertaintyReporter:
     pdb             optional PDB path: one model per report, σ_F per atom in the B-factor
                     column in units of 0.01 eV/Å (non-ML atoms 0)
     callback        optional callback(simulation, result dict of numpy arrays and floats)
+    append          continue an existing log (a restarted job), as OpenMM's own reporters do
+
+    When the System's mlmd force is a PythonForce of the same model file, the σ it computed in
+    the step is reused (``reused`` is True after such a report): no second committee call.
     """
 
     def __init__(self, file, reportInterval: int, model, topology_or_numbers, atoms=None,
-                 pdb: Optional[str] = None, callback: Optional[Callable] = None):
+                 pdb: Optional[str] = None, callback: Optional[Callable] = None, append: bool = False):
         from .python_force import _numbers_from
 
         if not isinstance(reportInterval, int) or reportInterval < 1:
@@ -53,10 +57,19 @@ class UncertaintyReporter:
         self.interval = reportInterval
         self.callback = callback
         self.path = os.fspath(file)
-        self._handle = open(self.path, "w", newline="")
+        header = ["step", "time_ps", "energy_eV", "energy_std_eV", "uncertainty_eV_per_A",
+                  "mean_force_std_eV_per_A"]
+        resume = append and os.path.isfile(self.path) and os.path.getsize(self.path) > 0
+        if resume:
+            with open(self.path, newline="") as existing:
+                first = next(csv.reader(existing), [])
+            if first != header:
+                raise InputError(f"append: {self.path!r} is not an UncertaintyReporter log (its first "
+                                 f"row is {first[:3]}...); give another file or append=False")
+        self._handle = open(self.path, "a" if resume else "w", newline="")
         self._csv = csv.writer(self._handle)
-        self._csv.writerow(["step", "time_ps", "energy_eV", "energy_std_eV", "uncertainty_eV_per_A",
-                            "mean_force_std_eV_per_A"])
+        if not resume:
+            self._csv.writerow(header)
         self._handle.flush()
         self._pdb = None
         if pdb is not None:
@@ -69,6 +82,7 @@ class UncertaintyReporter:
             self._pdb = PDBTrajectoryFile(os.fspath(pdb), mode="w")
             self._n_particles = len(numbers)
         self.last = None
+        self.reused = False
         self._model_index = 0
 
     def describeNextReport(self, simulation):
@@ -83,7 +97,10 @@ class UncertaintyReporter:
         cell = np.zeros((3, 3))
         if periodic:
             cell = state.getPeriodicBoxVectors(asNumpy=True).value_in_unit(unit.nanometer) * units.NM_TO_ANGSTROM
-        out = self.potential.compute(positions[self.atoms], self.numbers, cell, np.full(3, periodic))
+        out = self._outputs_of_the_force(simulation, positions[self.atoms])
+        self.reused = out is not None
+        if out is None:
+            out = self.potential.compute(positions[self.atoms], self.numbers, cell, np.full(3, periodic))
         result = {"step": simulation.currentStep, "time_ps": state.getTime().value_in_unit(unit.picosecond),
                   "energy": float(out[keys.ENERGY]), "energy_std": float(out[keys.ENERGY_STD]),
                   "uncertainty": float(out[keys.UNCERTAINTY]), "forces_std": out[keys.FORCES_STD]}
@@ -99,6 +116,25 @@ class UncertaintyReporter:
         self.last = result
         if self.callback is not None:
             self.callback(simulation, result)
+
+    def _outputs_of_the_force(self, simulation, ml_positions):
+        """The committee outputs the System's mlmd PythonForce computed at these very positions
+        with this very model (numpy), or None: then the reporter evaluates the committee itself
+        (TorchForce, another model, or positions changed since the force ran)."""
+        from .python_force import FORCE_SETTINGS
+
+        system = simulation.system
+        for index in range(system.getNumForces()):
+            computation = FORCE_SETTINGS.get(int(system.getForce(index).this), {}).get("computation")
+            if computation is None or computation.last is None or computation.last_positions is None:
+                continue
+            same_model = (os.path.abspath(computation.potential.path or "?") == os.path.abspath(self.potential.path or "!")
+                          and computation.potential.dtype == self.potential.dtype
+                          and np.array_equal(computation.numbers, self.numbers))
+            if same_model and computation.last_positions.shape == ml_positions.shape \
+                    and np.allclose(computation.last_positions, ml_positions, rtol=0, atol=1e-9):
+                return {key: value.detach().cpu().numpy() for key, value in computation.last.items()}
+        return None
 
     def close(self):
         """Close the log (and PDB) files; safe to call twice, or after a failed __init__."""
