@@ -405,7 +405,7 @@ def test_loop_in_ase(copper_frames, tmp_path):
 
 
 def _openmm_copper(copper_frames, path):
-    import openmm
+    openmm = pytest.importorskip("openmm")
     from openmm import app, unit
 
     import mlmd.plugins.openmm as mm_plugin
@@ -441,6 +441,9 @@ def test_loop_in_openmm(copper_frames, tmp_path):
 @pytest.mark.parametrize("path", ["torch", "python"])
 def test_openmm_hot_swap_keeps_state_and_uses_the_new_model(copper_frames, tmp_path, path):
     import torch
+    pytest.importorskip("openmm")
+    if path == "torch":
+        pytest.importorskip("openmmtorch")
     from openmm import unit
 
     import mlmd

@@ -725,7 +725,7 @@ def test_openmm_verlet_matches_internal_engine(model_file, ethanol):
 
 def test_uncertainty_reporter_and_swap(model_file, potential, ethanol, tmp_path):
     openmm = _openmm()
-    import mdtraj
+    mdtraj = pytest.importorskip("mdtraj")
     from mlmd.plugins.openmm import UncertaintyReporter, swap_model
 
     simulation = _app_simulation(model_file, ethanol, openmm.LangevinMiddleIntegrator(300, 1.0, 0.5e-3))

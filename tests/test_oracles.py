@@ -7,6 +7,7 @@ from mlmd.errors import InputError
 
 @pytest.fixture(scope="module")
 def water_pdb(tmp_path_factory):
+    pytest.importorskip("openmm")
     from openmm import app, unit, Vec3
 
     path = tmp_path_factory.mktemp("water") / "water.pdb"
@@ -50,7 +51,7 @@ def test_openmm_oracle_forces_are_the_energy_gradient(water_pdb):
 
 
 def test_openmm_oracle_matches_openmm_and_rejects_a_wrong_frame(water_pdb):
-    import openmm
+    openmm = pytest.importorskip("openmm")
     from openmm import app, unit
 
     from mlmd import units

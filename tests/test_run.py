@@ -40,7 +40,7 @@ def test_run_writes_outputs(cu_config, tmp_path, capsys):
     log = read_log(str(out / "log.csv"))
     assert list(log["step"].astype(int)) == list(range(0, 201, 10))
     assert np.all(log["uncertainty_eV_per_A"] > 0)
-    import mdtraj
+    mdtraj = pytest.importorskip("mdtraj")
     traj = mdtraj.load(str(out / "trajectory.dcd"), top=str(out / "topology.pdb"))
     assert traj.n_frames == 11 and traj.n_atoms == 32
     assert traj.unitcell_lengths is not None and np.allclose(traj.unitcell_lengths[0], 0.722, atol=1e-3)
@@ -68,7 +68,7 @@ def test_cli_restart_continues_exactly(cu_config, tmp_path, trajectory):
     for key in straight:
         assert np.array_equal(straight[key], resumed[key]), key
     import ase.io
-    import mdtraj
+    mdtraj = pytest.importorskip("mdtraj")
     if trajectory.endswith("extxyz"):
         a = np.array([f.positions for f in ase.io.read(tmp_path / "straight" / trajectory, ":")])
         b = np.array([f.positions for f in ase.io.read(os.path.join(cut, trajectory), ":")])
@@ -126,7 +126,7 @@ def test_topology_pdb_carries_the_bonds(tmp_path):
     """topology.pdb next to a DCD has CONECT records: mdtraj sees ethanol's 8 bonds (it saw 0),
     and no metal-metal 'bonds' in copper."""
     import ase.io
-    import mdtraj
+    mdtraj = pytest.importorskip("mdtraj")
     from ase.build import bulk
     from conftest import ETHANOL_DIR
     from mlmd.md.io import write_topology_pdb
