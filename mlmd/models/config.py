@@ -131,5 +131,3 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         kind = float if name == "cutoff" else int
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=None,
                        help=f"{_HYPERPARAMETER_HELP.get(name, 'model hyper-parameter')} ({default})")
-
-
