@@ -995,7 +995,8 @@ def test_ase_committee_properties_pickling_and_batch(ethanol, tmp_path):
     batch = pot.compute_batch(frames)
     assert len(batch) == 5
     for atoms, out in zip(frames, batch):
-        np.testing.assert_array_equal(out["forces"], pot.compute_atoms(atoms)["forces"])
+        # float32: TorchScript's optimised graph (after its first calls) rounds a little differently
+        np.testing.assert_allclose(out["forces"], pot.compute_atoms(atoms)["forces"], rtol=0, atol=1e-5)
     bad = frames[3].copy()
     bad.numbers[0] = 26
     with pytest.raises(InputError, match=r"frames\[1\].*Fe"):
@@ -1031,7 +1032,7 @@ def test_uncertainty_reporter_appends_and_reuses_the_force_sigma(ethanol, tmp_pa
     assert reporter.reused
     positions = simulation.context.getState(getPositions=True).getPositions(asNumpy=True)._value * units.NM_TO_ANGSTROM
     direct = mlmd.load(SHIPPED_MODEL).compute(positions, ethanol.numbers)
-    assert reporter.last["uncertainty"] == pytest.approx(float(direct["uncertainty"]), rel=1e-6)
+    assert reporter.last["uncertainty"] == pytest.approx(float(direct["uncertainty"]), rel=1e-5)   # float32
     with pytest.raises(InputError, match="append"):
         (tmp_path / "other.csv").write_text("a,b\n1,2\n")
         UncertaintyReporter(tmp_path / "other.csv", 5, SHIPPED_MODEL, simulation.topology, append=True)
@@ -1053,11 +1054,21 @@ def test_python_force_xml_references_the_model_file(ethanol, tmp_path):
         system.addParticle(float(mass))
     system.addForce(create_python_force(str(model), ethanol.numbers))
     xml = openmm.XmlSerializer.serialize(system)
-    openmm.XmlSerializer.deserialize(xml)                   # the file is there: loads
+
+    def evaluate(xml):
+        restored = openmm.XmlSerializer.deserialize(xml)
+        context = openmm.Context(restored, openmm.VerletIntegrator(0.0005),
+                                 openmm.Platform.getPlatformByName("Reference"))
+        context.setPositions(ethanol.positions * units.ANGSTROM_TO_NM)
+        return context.getState(getEnergy=True).getPotentialEnergy()._value
+
+    assert np.isfinite(evaluate(xml))                       # the file is there: it loads and runs
     with open(model, "ab") as handle:
         handle.write(b"\0")
-    with pytest.raises(Exception, match="changed since this System was serialised"):
-        openmm.XmlSerializer.deserialize(xml)
+    with pytest.warns(RuntimeWarning, match="changed since this System was serialised"):
+        with pytest.raises(Exception, match="changed since this System was serialised"):
+            evaluate(xml)
     model.unlink()
-    with pytest.raises(Exception, match=f"references the model file.*{model.name}"):
-        openmm.XmlSerializer.deserialize(xml)
+    with pytest.warns(RuntimeWarning, match="references the model file"):
+        with pytest.raises(Exception, match=f"references the model file.*{model.name}"):
+            evaluate(xml)

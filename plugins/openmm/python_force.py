@@ -88,6 +88,8 @@ class MLMDComputation:
 
     # ---- the callback ---------------------------------------------------------------------
     def __call__(self, state):
+        if getattr(self, "_refused", None) is not None:
+            raise self._refused
         # a Verlet list may keep the array it was built from to measure displacements
         positions = self._positions if self._verlet is None else np.empty_like(self._positions)
         passed = positions if self.particles is None else self._all_positions
@@ -163,15 +165,25 @@ class MLMDComputation:
 
     def __setstate__(self, state):
         path = state.get("model_file", state.get("path"))
+        problem = None
         if not os.path.isfile(path):
-            raise ModelFileError(f"this serialised System's mlmd PythonForce references the model file "
-                                 f"{path!r}, which does not exist here; copy the file to that path (the "
-                                 "XML holds only its path and SHA-256, not the model)")
-        want = state.get("model_sha256")
-        if want is not None and _sha256(path) != want:
-            raise ModelFileError(f"the model file {path!r} changed since this System was serialised "
-                                 f"(SHA-256 {_sha256(path)[:12]}..., the XML expects {want[:12]}...); "
-                                 "restore that file or rebuild the System")
+            problem = (f"this serialised System's mlmd PythonForce references the model file {path!r}, "
+                       "which does not exist here; copy the file to that path (the XML holds only its "
+                       "path and SHA-256, not the model)")
+        elif state.get("model_sha256") is not None and _sha256(path) != state["model_sha256"]:
+            problem = (f"the model file {path!r} changed since this System was serialised (SHA-256 "
+                       f"{_sha256(path)[:12]}..., the XML expects {state['model_sha256'][:12]}...); "
+                       "restore that file or rebuild the System")
+        if problem is not None:
+            # an exception inside XmlSerializer.deserialize crashes OpenMM 8.5 (segfault): say it
+            # now, refuse at the first force evaluation, where OpenMM passes errors on
+            import warnings
+            warnings.warn(problem, RuntimeWarning, stacklevel=2)
+            self._refused = ModelFileError(problem)
+            self.last = None
+            self.numbers = np.asarray(state["numbers"], dtype=np.int64)
+            return
+        self._refused = None
         self.potential = as_potential(path, state["device"], state["dtype"])
         self.numbers = np.asarray(state["numbers"], dtype=np.int64)
         self.periodic = bool(state["periodic"])
