@@ -126,7 +126,9 @@ class TrajectoryWriter:
     Every frame is flushed to the operating system as it is written, so a crash loses no
     frame already reported.  ``frames`` counts what is in the file; ``truncate(n)`` keeps the
     first n frames and continues after them, so that a restart from a checkpoint continues
-    the file exactly where the checkpoint was written.
+    the file exactly where the checkpoint was written.  A trajectory is never rewritten: a
+    restart cuts the tail after the checkpoint's frames (a torn last frame included), checks
+    what is left, and appends after it.
     """
 
     def __init__(self, path, atoms, fmt=None, timestep_fs: float = 1.0, interval: int = 1):
@@ -143,7 +145,7 @@ class TrajectoryWriter:
         self.timestep_fs = float(timestep_fs)
         self.interval = int(interval)
         self.frames = 0
-        self._file = None      # the open binary file (DCD)
+        self._file = None      # the open binary file (DCD, XTC after a restart)
         self._writer = None    # openmm.app.DCDFile or mdtraj XTCTrajectoryFile
 
     def _open_dcd(self, append: bool) -> None:
@@ -176,6 +178,8 @@ class TrajectoryWriter:
             self._writer.writeModel(positions_nm, periodicBoxVectors=None if box_nm is None else
                                     [Vec3(*row) for row in box_nm])
             self._file.flush()
+        elif self.frames > 0 and self._writer is None:
+            self._append_xtc(positions_nm, box_nm, step, time_fs)
         else:
             if self._writer is None:
                 from mdtraj.formats import XTCTrajectoryFile
@@ -185,8 +189,30 @@ class TrajectoryWriter:
             self._writer.flush()
         self.frames += 1
 
+    def _append_xtc(self, positions_nm, box_nm, step: int, time_fs: float) -> None:
+        # mdtraj writes XTC only from the start of a file; XTC is a plain sequence of frames, so
+        # a frame encoded into a scratch file is appended after the frames already there
+        from mdtraj.formats import XTCTrajectoryFile
+
+        scratch = os.path.join(os.path.dirname(os.path.abspath(self.path)),
+                               "." + os.path.basename(self.path) + ".frame")
+        with XTCTrajectoryFile(scratch, "w") as one:
+            one.write(positions_nm[None].astype(np.float32), time=[time_fs * 1e-3], step=[int(step)],
+                      box=None if box_nm is None else box_nm[None])
+        with open(scratch, "rb") as handle:
+            data = handle.read()
+        os.remove(scratch)
+        if self._file is None:
+            self._file = open(self.path, "ab")
+        self._file.write(data)
+        self._file.flush()
+
     def truncate(self, frames: int) -> None:
-        """Keep only the first ``frames`` frames and write after them (for a restart)."""
+        """Keep only the first ``frames`` frames and write after them (for a restart).
+
+        Only the tail after those frames is cut (frames written after the checkpoint, a torn
+        last frame); the kept bytes are never rewritten, and the file is checked after the cut.
+        """
         self.close()
         if not os.path.exists(self.path):
             if frames:
@@ -194,23 +220,15 @@ class TrajectoryWriter:
                                  f"{frames} frames in it; restore the file or start a new run")
             self.frames = 0
             return
-        if self.format == "extxyz":
-            import ase.io
-            kept = ase.io.read(self.path, index=f":{frames}") if frames else []
-            tmp = self.path + ".tmp"
-            ase.io.write(tmp, kept, format="extxyz")
-            os.replace(tmp, self.path)
-        elif self.format == "dcd":
-            _truncate_dcd(self.path, frames)
+        if self.format == "dcd":
+            _truncate_dcd(self.path, frames, len(self.atoms), self.periodic)
         else:
-            from mdtraj.formats import XTCTrajectoryFile
-            with XTCTrajectoryFile(self.path, "r") as handle:
-                xyz, time_ps, step, box = handle.read(n_frames=frames) if frames else (None,) * 4
-            # XTC frames are compressed (variable length): rewrite the kept ones, keep writing after
-            self._writer = XTCTrajectoryFile(self.path, "w")
-            if frames:
-                self._writer.write(xyz, time=time_ps, step=step, box=box if self.periodic else None)
-                self._writer.flush()
+            offsets, end = (_xtc_offsets if self.format == "xtc" else _extxyz_offsets)(self.path)
+            _cut(self.path, offsets, end, frames)
+            again, end = (_xtc_offsets if self.format == "xtc" else _extxyz_offsets)(self.path)
+            if len(again) != frames or end != os.path.getsize(self.path):
+                raise InputError(f"trajectory: {self.path!r} holds {len(again)} frames after cutting it "
+                                 f"to the checkpoint's {frames}; the file is damaged, restore it")
         self.frames = frames
 
     def close(self) -> None:
@@ -221,26 +239,119 @@ class TrajectoryWriter:
         self._writer = self._file = None
 
 
-def _truncate_dcd(path: str, frames: int) -> None:
-    """Cut a DCD file to its first ``frames`` frames (fixed-size records after the header)."""
+def _cut(path: str, offsets, end: int, frames: int) -> None:
+    """Cut ``path`` after its first ``frames`` complete frames (``offsets``: where each complete
+    frame starts, ``end``: where the last complete one ends)."""
+    if frames > len(offsets):
+        raise InputError(f"trajectory: {path!r} holds {len(offsets)} complete frames but the checkpoint "
+                         f"counts {frames}; the file lost frames after the checkpoint was written "
+                         "(restore it, or start a new run)")
+    size = offsets[frames] if frames < len(offsets) else end
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _xtc_offsets(path: str):
+    """(byte offset of every complete XTC frame, end of the last complete one).
+
+    A frame: magic 1995, natoms, step, time, box [9], natoms (56 bytes, big-endian XDR), then
+    3·natoms floats for natoms <= 9, else precision, minint [3], maxint [3], smallidx, a byte
+    count n and n bytes padded to 4.
+    """
     import struct
 
+    offsets = []
+    size = os.path.getsize(path)
+    position = 0
+    with open(path, "rb") as handle:
+        while position + 56 <= size:
+            handle.seek(position)
+            head = handle.read(56)
+            magic, natoms = struct.unpack(">ii", head[:8])
+            if magic != 1995:
+                raise InputError(f"trajectory: {path!r} is not an XTC file where frame {len(offsets)} should "
+                                 f"start (byte {position}); restore the file or start a new run")
+            if natoms <= 9:
+                length = 56 + 12 * natoms
+            else:
+                rest = handle.read(36)
+                if len(rest) < 36:
+                    break
+                count = struct.unpack(">i", rest[32:36])[0]
+                length = 92 + (count + 3) // 4 * 4
+            if position + length > size:
+                break                                   # a torn last frame
+            offsets.append(position)
+            position += length
+    return offsets, position
+
+
+def _extxyz_offsets(path: str):
+    """(byte offset of every complete extxyz frame, end of the last complete one): a frame is a
+    line with the atom count, a comment line and that many atom lines, each ended by a newline."""
+    offsets = []
+    end = 0
+    with open(path, "rb") as handle:
+        while True:
+            start = handle.tell()
+            first = handle.readline()
+            if not first.endswith(b"\n") or not first.strip().isdigit():
+                break
+            lines = [handle.readline() for _ in range(int(first) + 1)]
+            if not lines or not all(line.endswith(b"\n") for line in lines):
+                break
+            offsets.append(start)
+            end = handle.tell()
+    return offsets, end
+
+
+def _truncate_dcd(path: str, frames: int, n_atoms: int, periodic: bool) -> None:
+    """Cut a DCD file to its first ``frames`` frames and set its header to match.
+
+    A frame is fixed-size: a 56-byte unit-cell record when the header says so, then x, y, z,
+    each 4·N bytes between two 4-byte markers.  The size comes from the atom count, never from
+    the file size and the header's frame count: OpenMM counts a frame in the header before it
+    writes it, so a kill in between leaves a count one too high and a torn frame.
+    """
+    import struct
+
+    size = os.path.getsize(path)
     with open(path, "r+b") as handle:
         header = handle.read(100)
-        count = struct.unpack("<i", header[8:12])[0]
+        if len(header) < 100 or header[4:8] != b"CORD" or struct.unpack("<i", header[:4])[0] != 84:
+            raise InputError(f"trajectory: {path!r} has no DCD header; restore the file or start a new run")
         title_bytes = struct.unpack("<i", header[92:96])[0]
         header_end = 112 + title_bytes          # 84-byte block, title block, atom-count block
-        size = os.path.getsize(path)
-        if frames > count or count == 0:
-            raise InputError(f"trajectory: {path!r} holds {count} frames but the checkpoint counts "
-                             f"{frames}; the file was changed after the checkpoint")
-        frame_bytes = (size - header_end) // count
-        handle.truncate(header_end + frames * frame_bytes)
+        handle.seek(header_end - 8)
+        atoms_in_file = struct.unpack("<i", handle.read(4))[0]
+        if atoms_in_file != n_atoms:
+            raise InputError(f"trajectory: {path!r} holds {atoms_in_file} atoms per frame, this run has "
+                             f"{n_atoms}; restart with the structure the run started from")
+        has_cell = struct.unpack("<i", header[48:52])[0] != 0
+        frame_bytes = (56 if has_cell else 0) + 3 * (8 + 4 * n_atoms)
+        complete = max(size - header_end, 0) // frame_bytes
+        if frames > complete:
+            raise InputError(f"trajectory: {path!r} holds {complete} complete frames but the checkpoint "
+                             f"counts {frames}; the file lost frames after the checkpoint was written "
+                             "(restore it, or start a new run)")
+        keep = header_end + frames * frame_bytes
+        handle.truncate(keep)
         first, interval = struct.unpack("<ii", header[12:20])
         handle.seek(8)
         handle.write(struct.pack("<i", frames))
         handle.seek(20)
         handle.write(struct.pack("<i", first + max(frames - 1, 0) * interval))
+        handle.flush()
+        os.fsync(handle.fileno())
+        # the cut must land on a frame boundary: the last kept frame's closing marker is 4·N
+        if frames:
+            handle.seek(keep - 4)
+            marker = struct.unpack("<i", handle.read(4))[0]
+            if marker != 4 * n_atoms or os.path.getsize(path) != keep:
+                raise InputError(f"trajectory: {path!r} does not end on a frame after the cut (marker "
+                                 f"{marker}, expected {4 * n_atoms}); the file is damaged, restore it")
 
 
 def _cell_parameters(cell) -> np.ndarray:

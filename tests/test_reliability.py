@@ -1,0 +1,317 @@
+"""Faults and bad input (issue 19): nothing already written is lost, nothing wrong is silent.
+
+Each test drives the real component (``mlmd run`` in a subprocess that is killed with
+SIGKILL, OpenMM, openmm-torch, ASE, EMT); only the fault itself is injected where no real
+mechanism exists in a test (a torn frame, a full disk without a tmpfs).
+"""
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import yaml
+
+from mlmd.cli import main
+from mlmd.errors import InputError, MLMDError
+from mlmd.md.run import RunConfig, read_log
+
+MLMD = [sys.executable, "-m", "mlmd.cli"]
+
+
+@pytest.fixture()
+def cu(tmp_path):
+    """write(**changes) -> path of a run.yaml for 32 rattled Cu atoms with a Morse committee of 2
+    (a few hundred microseconds per step)."""
+    from ase.build import bulk
+    from mlmd.models.pair import export_morse
+
+    atoms = bulk("Cu", "fcc", a=3.61, cubic=True).repeat(2)
+    atoms.rattle(0.05, seed=1)
+    atoms.write(tmp_path / "cu.extxyz")
+    export_morse(tmp_path / "cu.pt", cutoff=5.0, committee_size=2, spread=0.02)
+
+    def write(name="run.yaml", **changes):
+        config = {"structure": "cu.extxyz", "model": "cu.pt", "integrator": "langevin", "timestep": 2.0,
+                  "temperature": 300, "steps": 200, "seed": 4, "trajectory_interval": 20,
+                  "log_interval": 10, "checkpoint_interval": 50, "output": str(tmp_path / "out"),
+                  "plot": False}
+        config.update(changes)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+    return write
+
+
+def _frames(path, top):
+    mdtraj = pytest.importorskip("mdtraj")
+    return mdtraj.load(str(path), top=str(top)).xyz
+
+
+# ---- data already written ----------------------------------------------------------------------
+
+def _tear(path, fmt):
+    """What a kill in the middle of writing one more frame leaves behind."""
+    with open(path, "r+b") as handle:
+        if fmt == "dcd":                  # writeModel counts the frame in the header first ...
+            count = struct.unpack("<i", handle.read(12)[8:12])[0]
+            handle.seek(8)
+            handle.write(struct.pack("<i", count + 1))
+            handle.seek(0, os.SEEK_END)
+            handle.write(b"\x30\x00\x00\x00" + b"\x01" * 150)   # ... then the kill, 154 bytes in
+        elif fmt == "xtc":
+            first = handle.read(200)
+            handle.seek(0, os.SEEK_END)
+            handle.write(first[:150])     # a frame header and part of its coordinates
+        else:
+            handle.seek(0, os.SEEK_END)
+            handle.write(b"32\nLattice=\"7.22 0.0 0.0 0.0 7.22 0.0 0.0 0.0 7.22\" Properties=species:S:1:pos:R:3\n"
+                         b"Cu 0.1 0.2 0.3\nCu 1.0 1.")
+
+
+@pytest.mark.parametrize("fmt", ["dcd", "xtc", "extxyz"])
+def test_restart_drops_only_a_torn_last_frame(cu, tmp_path, fmt):
+    """A kill while a frame is being written (for DCD: between OpenMM's header update and the
+    frame flush, so the header counts one frame more than the file holds) leaves a torn frame.
+    The restart must cut exactly that frame (for DCD: frame size from the atom count, not file
+    size / header count), check the file, and continue bit-identically to a straight run."""
+    name = f"t.{fmt}"
+    assert main(["run", cu(trajectory=name, output=str(tmp_path / "straight"), steps=300),
+                 "--no-progress"]) == 0
+    cut = tmp_path / "cut"
+    assert main(["run", cu(trajectory=name, output=str(cut), steps=200), "--no-progress"]) == 0
+    _tear(cut / name, fmt)
+    assert main(["run", cu(trajectory=name, output=str(cut), steps=300), "--restart", "--no-progress"]) == 0
+    if fmt == "extxyz":
+        import ase.io
+        straight = np.array([a.positions for a in ase.io.read(tmp_path / "straight" / name, ":")])
+        resumed = np.array([a.positions for a in ase.io.read(cut / name, ":")])
+    else:
+        straight = _frames(tmp_path / "straight" / name, tmp_path / "straight" / "topology.pdb")
+        resumed = _frames(cut / name, cut / "topology.pdb")
+    assert straight.shape == resumed.shape == (16, 32, 3)
+    assert np.array_equal(straight, resumed)
+
+
+def test_dcd_restart_refuses_a_file_shorter_than_the_checkpoint(cu, tmp_path):
+    """Frames the checkpoint counts but the file lacks are not invented: the restart refuses,
+    names the file and both counts, and writes nothing."""
+    out = tmp_path / "out"
+    assert main(["run", cu(trajectory="t.dcd", steps=100), "--no-progress"]) == 0
+    dcd = out / "t.dcd"
+    size = os.path.getsize(dcd)
+    os.truncate(dcd, size - 100)                        # the last of 6 frames torn
+    before = dcd.read_bytes()
+    with pytest.raises(InputError, match=r"t\.dcd.*5 complete frames.*checkpoint counts 6"):
+        from mlmd.md.run import run
+        run(RunConfig.from_file(cu(trajectory="t.dcd", steps=200)), restart=True, progress=False)
+    assert dcd.read_bytes() == before
+
+
+def _xtc_run(cu, tmp_path, steps):
+    return cu(trajectory="t.xtc", trajectory_interval=1, checkpoint_interval=1000, log_interval=100,
+              steps=steps)
+
+
+def test_xtc_restart_never_rewrites_the_kept_frames(cu, tmp_path):
+    """`--restart` of an XTC run used to reopen the file for writing and write the kept frames
+    again: a kill in that window lost the trajectory.  Watch the real restart in a subprocess;
+    the file must never be shorter than the frames the checkpoint counts.  If it is, kill -9 it
+    there, as a user's job scheduler would, and check what is left."""
+    out = tmp_path / "out"
+    assert main(["run", _xtc_run(cu, tmp_path, 400), "--no-progress"]) == 0
+    xtc = out / "t.xtc"
+    kept = xtc.read_bytes()
+    process = subprocess.Popen(MLMD + ["run", _xtc_run(cu, tmp_path, 450), "--restart", "--no-progress"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    smallest = len(kept)
+    while process.poll() is None:
+        size = os.path.getsize(xtc)
+        smallest = min(smallest, size)
+        if size < len(kept):
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+            break
+    output = process.stdout.read().decode()
+    assert smallest >= len(kept), (f"the restart cut the XTC file to {smallest} of {len(kept)} bytes "
+                                   f"that the checkpoint covers; after kill -9 it holds "
+                                   f"{os.path.getsize(xtc)} bytes")
+    assert process.returncode == 0, output[-2000:]
+    assert xtc.read_bytes()[:len(kept)] == kept
+    assert _frames(xtc, out / "topology.pdb").shape == (451, 32, 3)
+
+
+def test_output_folder_is_locked_while_a_run_writes(cu, tmp_path):
+    """A second `mlmd run` on a folder in use (here a --restart, which passes every file guard)
+    is refused while the first runs; the first one's log stays whole; kill -9 drops the lock."""
+    out = tmp_path / "out"
+    config = cu(steps=200000, checkpoint_interval=50)
+    process = subprocess.Popen(MLMD + ["run", config, "--no-progress"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 120
+        while not (out / "checkpoint.npz").exists() and time.time() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert process.poll() is None, process.stdout.read().decode()[-2000:]
+        with pytest.raises(InputError, match=r"in use by another mlmd run \(pid \d+"):
+            from mlmd.md.run import run
+            run(RunConfig.from_file(config), restart=True, progress=False)
+        assert main(["run", config, "--no-progress"]) == 2
+        time.sleep(0.5)                       # the first run goes on writing its log
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    rows = (out / "log.csv").read_text().splitlines()
+    steps = [int(row.split(",")[0]) for row in rows[1:] if row.count(",") == 8]
+    assert steps == list(range(0, 10 * len(steps), 10)), steps[:20]
+    # the kernel dropped the dead run's lock: the restart runs (to step 300 of the same config)
+    assert main(["run", cu(steps=300, checkpoint_interval=50), "--restart", "--no-progress"]) == 0
+
+
+def test_fresh_run_never_overwrites_files_of_another_run(cu, tmp_path):
+    """A folder holding a trajectory, checkpoint and config but no log.csv, and a trajectory
+    path outside the output folder onto an existing file: both refused, nothing written."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name, data in (("t.dcd", b"precious frames"), ("checkpoint.npz", b"precious state"),
+                       ("config.yaml", b"precious: config\n")):
+        (out / name).write_bytes(data)
+    assert main(["run", cu(trajectory="t.dcd"), "--no-progress"]) == 2
+    assert (out / "t.dcd").read_bytes() == b"precious frames"
+    assert (out / "checkpoint.npz").read_bytes() == b"precious state"
+    assert not (out / "log.csv").exists()
+
+    elsewhere = tmp_path / "elsewhere.dcd"
+    elsewhere.write_bytes(b"someone else's trajectory")
+    with pytest.raises(InputError, match="leaves the output folder.*allow_outside_output"):
+        RunConfig.from_file(cu(trajectory="../elsewhere.dcd", output=str(tmp_path / "o2")))
+    assert main(["run", cu(trajectory="../elsewhere.dcd", output=str(tmp_path / "o2"),
+                           allow_outside_output=True), "--no-progress"]) == 2
+    assert elsewhere.read_bytes() == b"someone else's trajectory"
+    assert main(["run", cu(trajectory="../new.dcd", output=str(tmp_path / "o3"), allow_outside_output=True,
+                           steps=20), "--no-progress"]) == 0
+    assert (tmp_path / "new.dcd").stat().st_size > 0
+
+
+class _Quota:
+    """A disk that holds ``left`` more bytes under ``folder``: the write that would pass it
+    writes what fits and raises ENOSPC, as write(2) does on a full file system."""
+
+    def __init__(self, folder, left):
+        import builtins
+        self.folder, self.left, self.real_open = os.path.abspath(folder), left, builtins.open
+
+    def open(self, file, mode="r", *args, **kwargs):
+        handle = self.real_open(file, mode, *args, **kwargs)
+        inside = isinstance(file, (str, os.PathLike)) and os.path.abspath(file).startswith(self.folder)
+        return _QuotaFile(handle, self) if inside and any(c in mode for c in "wax+") else handle
+
+
+class _QuotaFile:
+    def __init__(self, handle, quota):
+        self._handle, self._quota = handle, quota
+
+    def write(self, data):
+        import errno
+        size = len(data.encode() if isinstance(data, str) else bytes(data))
+        if size > self._quota.left:
+            self._handle.write(data[:self._quota.left])
+            self._handle.flush()
+            self._quota.left = 0
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._quota.left -= size
+        return self._handle.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._handle, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._handle.close()
+
+    def __iter__(self):
+        return iter(self._handle)
+
+
+def _disk_full_then_restart(cu, tmp_path, capsys, fill, free):
+    """Run into a disk that fills up (``fill``), check the message and what is on disk, free
+    space (``free``) and --restart: the result equals a straight run."""
+    from mlmd.md.simulation import Simulation
+
+    straight = tmp_path / "straight"
+    assert main(["run", cu(trajectory="t.dcd", output=str(straight), steps=1000), "--no-progress"]) == 0
+    out = fill()
+    config = cu(trajectory="t.dcd", output=str(out), steps=1000)
+    capsys.readouterr()
+    assert main(["run", config, "--no-progress"]) == 2
+    message = capsys.readouterr().err
+    assert "disk is full" in message and "Intact: checkpoint.npz of step" in message, message
+    assert "--restart" in message and "Traceback" not in message
+    step = int(message.split("checkpoint.npz of step ")[1].split()[0])
+    assert 0 < step < 1000
+    assert not (out / "checkpoint.npz.tmp").exists()
+    sim = Simulation(str(tmp_path / "cu.extxyz"), str(tmp_path / "cu.pt"), integrator="langevin", timestep=2.0,
+                     temperature=300, seed=4)
+    sim.load_checkpoint(str(out / "checkpoint.npz"))
+    assert sim.state.step == step
+    free()
+    assert main(["run", config, "--restart", "--no-progress"]) == 0
+    a, b = read_log(str(straight / "log.csv")), read_log(str(out / "log.csv"))
+    for key in a:
+        assert np.array_equal(a[key], b[key]), key
+    assert np.array_equal(_frames(straight / "t.dcd", straight / "topology.pdb"),
+                          _frames(out / "t.dcd", out / "topology.pdb"))
+    print(f"disk full after the checkpoint of step {step}")
+    return step
+
+
+def test_disk_full_says_what_is_intact_and_restarts_exactly(cu, tmp_path, capsys, monkeypatch):
+    """A full disk (ENOSPC from the 400,000th byte written into the run folder) ends with a message,
+    not a traceback, that names the intact checkpoint; after space is freed, --restart gives the
+    straight run's log and trajectory exactly."""
+    import builtins
+
+    quota = _Quota(tmp_path / "out", 400_000)
+
+    def fill():
+        monkeypatch.setattr(builtins, "open", quota.open)
+        return tmp_path / "out"
+
+    def free():
+        monkeypatch.setattr(builtins, "open", quota.real_open)
+
+    _disk_full_then_restart(cu, tmp_path, capsys, fill, free)
+
+
+def test_disk_full_on_a_real_tmpfs(cu, tmp_path, capsys):
+    """The same on a real 240 kB tmpfs (needs root to mount; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=240k", "tmpfs", str(disk)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        _disk_full_then_restart(
+            cu, tmp_path, capsys, lambda: disk / "out",
+            lambda: subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True))
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_restart_with_another_model_file_is_refused_unless_asked(cu, tmp_path):
+    from mlmd.models.pair import export_morse
+
+    assert main(["run", cu(steps=100), "--no-progress"]) == 0
+    export_morse(tmp_path / "other.pt", cutoff=5.0, committee_size=2, spread=0.05)
+    other = cu(steps=200, model="other.pt")
+    with pytest.raises(InputError, match=r"written with the model file .*cu\.pt.*this run uses .*other\.pt"):
+        from mlmd.md.run import run
+        run(RunConfig.from_file(other), restart=True, progress=False)
+    assert read_log(str(tmp_path / "out" / "log.csv"))["step"][-1] == 100
+    assert main(["run", other, "--restart", "--allow-model-change", "--no-progress"]) == 0
+    assert read_log(str(tmp_path / "out" / "log.csv"))["step"][-1] == 200
