@@ -102,7 +102,8 @@ def _cmd_run(args) -> int:
 
     overrides = {"steps": args.steps, "output": args.out, "threads": args.threads}
     config = RunConfig.from_file(args.config, overrides)
-    summary = run(config, restart=args.restart, progress=not args.no_progress)
+    summary = run(config, restart=args.restart, progress=not args.no_progress,
+                  allow_model_change=args.allow_model_change)
     return _print_run_summary(config, summary)
 
 
@@ -270,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="total steps (overrides the config)")
     p.add_argument("--out", default=None, help="output folder (overrides the config's output)")
     p.add_argument("--restart", action="store_true", help="continue from OUT/checkpoint.npz")
+    p.add_argument("--allow-model-change", action="store_true",
+                   help="with --restart: continue with the config's model file although the checkpoint was "
+                        "written with another one (refused otherwise: the energy jumps)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (overrides the config; default one per 256 atoms)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -30,12 +30,18 @@ class FinetuneConfig:
     weight_decay: float = 1e-5
     seed: int = 0
 
-    def validate(self) -> None:
+    def validate(self, prefix: str = "finetune.") -> None:
+        from ..validate import check_field_types
+
+        check_field_types(self, source="", prefix=prefix)   # lr: "1e-3" is text, not a number
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise InputError(f"finetune.{name}: must be >= 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise InputError(f"finetune.lr: must be > 0, got {self.lr}")
+                raise InputError(f"{prefix}{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "energy_weight", "force_weight", "stress_weight", "weight_decay", "warmup_fraction"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (name == "lr" and value == 0):
+                raise InputError(f"{prefix}{name}: must be a finite number {'> 0' if name == 'lr' else '>= 0'}, "
+                                 f"got {value}")
 
 
 def trainable_from_potential(potential) -> Tuple[torch.nn.Module, Dict]:

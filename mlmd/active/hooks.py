@@ -68,12 +68,13 @@ class RetrainingHook:
         self.labels_path = os.path.join(self.workdir, "labels.extxyz")
         self.failures_path = os.path.join(self.workdir, "label_failures.jsonl")
         self.state_path = os.path.join(self.workdir, "state.json")
-        self.state: Dict = {"generation": 0, "model": self.potential.path, "trained_labels": 0,
+        # paths in state.json are relative to workdir when inside it: a moved run folder restarts
+        self.state: Dict = {"generation": 0, "model": self._stored(self.potential.path), "trained_labels": 0,
                             "labels": 0, "failures": 0, "history": []}
         if os.path.isfile(self.state_path):
             with open(self.state_path) as handle:
                 self.state.update(json.load(handle))
-            self.potential = as_potential(self.state["model"])
+            self.potential = as_potential(self._resolved(self.state["model"]))
         self.labels: List = self._read_labels()
         self.state["labels"] = len(self.labels)
 
@@ -132,7 +133,7 @@ class RetrainingHook:
         export(model, path, meta, dtype=dtype)
         calibration = calibrate_file(path, val)
         potential = as_potential(path)
-        record = {"generation": generation, "model": path, "labels": len(self.labels),
+        record = {"generation": generation, "model": self._stored(path), "labels": len(self.labels),
                   "requested": requested, "failed": failed, "train_frames": len(train), "val_frames": len(val),
                   "label_s": round(label_seconds, 2), "train_s": round(time.perf_counter() - start, 2),
                   "loss_first": [m["loss_first"] for m in stats["members"]],
@@ -141,7 +142,7 @@ class RetrainingHook:
         if calibration:
             record["calibration"] = calibration
         self.potential = potential
-        self.state.update(generation=generation, model=path, trained_labels=len(self.labels))
+        self.state.update(generation=generation, model=self._stored(path), trained_labels=len(self.labels))
         self.state["history"].append(record)
         self._save_state()
         return potential
@@ -162,6 +163,20 @@ class RetrainingHook:
         append_frames(self.labels_path, [frame])     # one write + fsync per label
         self.labels.append(frame)
         self.state["labels"] = len(self.labels)
+
+    def _stored(self, path: str) -> str:
+        """How state.json records ``path``: relative to workdir when inside it, else absolute."""
+        if not path:
+            return path
+        path, workdir = os.path.abspath(path), os.path.abspath(self.workdir)
+        return os.path.relpath(path, workdir) if os.path.commonpath([path, workdir]) == workdir else path
+
+    def _resolved(self, stored: str) -> str:
+        if os.path.isabs(stored):
+            return stored
+        inside = os.path.join(self.workdir, stored)
+        # state.json files of earlier versions hold paths relative to the working directory
+        return inside if os.path.exists(inside) or not os.path.exists(stored) else stored
 
     def _read_labels(self) -> List:
         if not os.path.isfile(self.labels_path) or os.path.getsize(self.labels_path) == 0:

@@ -33,6 +33,7 @@ label and no trajectory frame is lost.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
@@ -99,14 +100,30 @@ class LearnConfig(RunConfig):
             value = getattr(self, key)
             if value is not None and not os.path.isfile(value):
                 raise InputError(f"{source}: {key}: file {value!r} does not exist")
+        from ..uncertainty import Trigger
         try:
-            TrustLevels(self.sigma_lo, self.sigma_hi)
+            Trigger(TrustLevels(self.sigma_lo, self.sigma_hi), labels_per_ns=self.labels_per_ns, burst=self.burst,
+                    dedup_rmsd=self.dedup_rmsd, batch_size=self.batch_size, pool=self.pool, select=self.select)
         except InputError as exc:
             raise InputError(f"{source}: {exc}") from None
+        if self.burst < 0:
+            raise InputError(f"{source}: burst: must be a whole number >= 0, got {self.burst!r}")
         if self.mode not in MODES:
             raise InputError(f"{source}: mode: must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.check_interval, int) or self.check_interval < 1:
+        if self.check_interval < 1:
             raise InputError(f"{source}: check_interval: must be a whole number >= 1, got {self.check_interval!r}")
+        if self.val_every < 0:
+            raise InputError(f"{source}: val_every: must be a whole number >= 0 (0: no validation labels), "
+                             f"got {self.val_every!r}")
+        if self.workers < 1:
+            raise InputError(f"{source}: workers: must be a whole number >= 1 (a Dask cluster without workers "
+                             f"never labels anything), got {self.workers!r}")
+        if self.dask not in (None, "none", "local") and "://" not in self.dask:
+            raise InputError(f"{source}: dask: expected none, local or a scheduler address like "
+                             f"tcp://host:8786, got {self.dask!r}")
+        if self.oracle_timeout is not None and not (math.isfinite(self.oracle_timeout) and self.oracle_timeout > 0):
+            raise InputError(f"{source}: oracle_timeout: must be a positive number of seconds (or left out for "
+                             f"none), got {self.oracle_timeout!r}")
         if self.trajectory_interval % self.checkpoint_interval:
             raise InputError(f"{source}: checkpoint_interval: must divide trajectory_interval "
                              f"({self.trajectory_interval}) so that every trajectory frame is covered by a "
@@ -117,13 +134,20 @@ class LearnConfig(RunConfig):
                 raise InputError(f"{source}: {key}: unknown key(s) {sorted(unknown)}; known: "
                                  f"{sorted(FinetuneConfig.__dataclass_fields__)}")
             try:
-                FinetuneConfig(**getattr(self, key)).validate()
+                FinetuneConfig(**getattr(self, key)).validate(prefix=f"{key}.")
             except InputError as exc:
-                raise InputError(f"{source}: {key}: {exc}") from None
+                raise InputError(f"{source}: {exc}") from None
+
+    def output_paths(self):
+        return super().output_paths() + [os.path.join(self.output, "learn.csv"),
+                                         os.path.join(self.output, "active")]
 
 
 class LearningExtension:
     """The learning loop as an extension of :func:`mlmd.md.run.run`."""
+
+    #: the model of a restart is the loop's newest generation, checked here against the checkpoint
+    models_checked = True
 
     def __init__(self, config: LearnConfig):
         self.config = config
@@ -152,6 +176,7 @@ class LearningExtension:
                                      on_swap=lambda *_: checkpoint())
         self.host = EngineHost(sim)
         if extra is not None:                      # a restart: the newest model, the loop's counters
+            self._check_model_in_use(extra)
             trigger.load_state_dict(extra.get("trigger", {}))
             self.learner.stats.update(extra.get("learner", {}))
             trigger.recent.extend(hook.labels[-trigger.recent.maxlen:])   # candidates already labelled stay known
@@ -165,15 +190,38 @@ class LearningExtension:
             checkpoint()
         return [(self.learner.observer(self.host), c.check_interval)]
 
+    def _check_model_in_use(self, extra: Dict) -> None:
+        """The model the checkpoint ran with must still be the file it was (by SHA-256)."""
+        from ..md.simulation import model_sha256
+
+        recorded, sha = extra.get("model_in_use", ""), extra.get("model_in_use_sha256", "")
+        if not recorded or not sha:
+            return
+        path = recorded if os.path.isabs(recorded) else os.path.join(self.config.output, recorded)
+        now = model_sha256(path)
+        if now != sha:
+            raise InputError(f"restart: the checkpoint ran with the model file {path!r} (SHA-256 {sha[:12]}...), "
+                             + ("which is missing" if not now else f"which has changed (SHA-256 {now[:12]}...)")
+                             + "; restore it, or start a new run into another output folder")
+
     def state(self) -> Dict:
         if self.learner is None:
             return {}
-        stats = {k: v for k, v in self.learner.stats.items()}
-        return {"trigger": self.learner.trigger.state_dict(), "learner": stats,
-                "model_in_use": self.host.potential.path if self.host else ""}
+        from ..md.simulation import model_sha256
 
-    def finish(self, sim) -> None:
-        if self.learner is not None:
+        stats = {k: v for k, v in self.learner.stats.items()}
+        path = self.host.potential.path if self.host else ""
+        return {"trigger": self.learner.trigger.state_dict(), "learner": stats,
+                "model_in_use": _relative_to(path, self.config.output),
+                "model_in_use_sha256": model_sha256(self.host.potential) if self.host else ""}
+
+    def finish(self, sim, aborted: bool = False) -> None:
+        """Swap in a finished async model, run the final refit; ``aborted`` (Ctrl-C, a failure):
+        neither waits for an async retraining nor refits (labels on disk are trained on at the
+        restart)."""
+        if self.learner is not None and aborted:
+            self.learner.abandon()
+        elif self.learner is not None:
             self.learner.finish(self.host)
             hook = self.learner.hook
             if self.config.final_finetune and hook.labels:
@@ -195,6 +243,14 @@ class LearningExtension:
                 "retrainings": self.learner.stats["retrainings"], "rollbacks": self.learner.stats["rollbacks"],
                 "generation": hook.generation, "model": hook.potential.path,
                 "label_failures": int(hook.state.get("failures", 0)), "checks": dict(self.learner.trigger.counts)}
+
+
+def _relative_to(path: str, folder: str) -> str:
+    """``path`` relative to ``folder`` when inside it (a moved run folder still restarts), else absolute."""
+    if not path:
+        return path
+    path, folder = os.path.abspath(path), os.path.abspath(folder)
+    return os.path.relpath(path, folder) if os.path.commonpath([path, folder]) == folder else path
 
 
 def learn(config: LearnConfig, restart: bool = False, progress: bool = True) -> Dict[str, Any]:

@@ -125,6 +125,20 @@ class ActiveLearner:
             self._log_handle = None
             self._writer = None         # a later event reopens the log in append mode
 
+    def abandon(self) -> None:
+        """Stop without waiting (Ctrl-C, a failure): an async retraining still running is left to
+        finish in its thread, unused (its labels are on disk and trained on at the restart)."""
+        if self._future is not None:
+            self._future.cancel()
+            self._future = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+        if self._log_handle is not None:
+            self._log_handle.close()
+            self._log_handle = None
+            self._writer = None
+
     def finish(self, host) -> None:
         """Swap in a model still being trained (async) and close."""
         if self._future is not None:

@@ -13,6 +13,13 @@ from typing import List
 from .io import TrajectoryWriter
 
 
+def _named(exc: OSError, path: str) -> OSError:
+    """The same error with the file it was writing (a full disk's message names the file)."""
+    if exc.filename:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), path)
+
+
 class CSVLog:
     """step, time, energies (eV), temperature (K), [uncertainty (eV/Å)], neighbour-list builds."""
 
@@ -27,6 +34,12 @@ class CSVLog:
         self._handle = None
 
     def __call__(self, sim) -> None:
+        try:
+            self._write(sim)
+        except OSError as exc:
+            raise _named(exc, self.path) from exc
+
+    def _write(self, sim) -> None:
         if self._handle is None:
             fresh = self.rows == 0
             self._handle = open(self.path, "w" if fresh else "a", newline="")
@@ -70,7 +83,10 @@ class TrajectoryReporter:
 
     def __call__(self, sim) -> None:
         s = sim.state
-        self.writer.write(s.positions, s.cell, s.step, s.time)
+        try:
+            self.writer.write(s.positions, s.cell, s.step, s.time)
+        except OSError as exc:
+            raise _named(exc, self.writer.path) from exc
 
     @property
     def frames(self) -> int:
@@ -85,6 +101,8 @@ class CheckpointReporter:
         self.log = log
         self.trajectory = trajectory
         self.extra_state = extra_state      # callable -> dict saved too (e.g. the learning loop's)
+        #: step, log_rows, trajectory_frames of the last checkpoint on disk (None: none yet)
+        self.saved = None
 
     def __call__(self, sim, force: bool = False) -> None:
         if sim.state.step == 0 and not force:
@@ -92,4 +110,9 @@ class CheckpointReporter:
         extra = {"log_rows": self.log.rows, "trajectory_frames": self.trajectory.frames}
         if self.extra_state is not None:
             extra.update(self.extra_state())
-        sim.save_checkpoint(self.path, extra=extra)
+        try:
+            sim.save_checkpoint(self.path, extra=extra)
+        except OSError as exc:
+            raise _named(exc, self.path) from exc
+        self.saved = {"step": sim.state.step, "log_rows": extra["log_rows"],
+                      "trajectory_frames": extra["trajectory_frames"]}

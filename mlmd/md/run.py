@@ -18,14 +18,16 @@ resolved config).  ``--restart`` continues from the checkpoint, exactly.
 """
 from __future__ import annotations
 
+import errno
 import math
 import os
+import socket
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, MLMDError
 
 CONFIG_NAME = "run.yaml"
 
@@ -53,6 +55,7 @@ class RunConfig:
     log_interval: int = 10
     checkpoint_interval: int = 1000
     plot: bool = True
+    allow_outside_output: bool = False  # let `trajectory` name a file outside the output folder
 
     CONFIG_NAME = CONFIG_NAME                  # the file looked for in a folder
     PATH_KEYS = ("structure", "model")         # resolved relative to the config file
@@ -109,6 +112,10 @@ class RunConfig:
         def bad(key, why):
             raise InputError(f"{source}: {key}: {why}, got {getattr(self, key)!r}")
 
+        from ..validate import check_field_types
+        check_field_types(self, source)     # every key by type first: "false" is not false
+        if not self.output:
+            bad("output", "must name a folder")
         for key in ("structure", "model"):
             if not isinstance(getattr(self, key), str):
                 bad(key, "must be a file path")
@@ -159,17 +166,130 @@ class RunConfig:
             bad("trajectory", f"must end in one of {['.' + f for f in TRAJECTORY_FORMATS]}")
         # before anything is written: a missing package must not leave a half-made run folder
         check_trajectory_format("extxyz" if suffix == "xyz" else suffix)
+        self.trajectory_path()
+
+    def trajectory_path(self) -> str:
+        """Where the trajectory goes: inside ``output`` unless ``allow_outside_output``."""
+        path = os.path.normpath(os.path.join(self.output, self.trajectory))
+        inside = os.path.commonpath([os.path.abspath(self.output), os.path.abspath(path)]) \
+            == os.path.abspath(self.output)
+        if not inside and not self.allow_outside_output:
+            raise InputError(f"trajectory: {self.trajectory!r} leaves the output folder {self.output!r}; "
+                             "give a file name inside it, or set allow_outside_output: true to write there "
+                             "(an existing file is never overwritten)")
+        return path
+
+    def output_paths(self) -> List[str]:
+        """Every file and folder a fresh run creates (a fresh run refuses to start over any of them)."""
+        names = ("log.csv", "checkpoint.npz", "config.yaml", "summary.png", "topology.pdb")
+        return [os.path.join(self.output, name) for name in names] + [self.trajectory_path()]
 
 
-def run(config: RunConfig, restart: bool = False, progress: bool = True, extension=None) -> Dict[str, Any]:
+def run(config: RunConfig, restart: bool = False, progress: bool = True, extension=None,
+        allow_model_change: bool = False) -> Dict[str, Any]:
     """Run (or continue) the MD described by ``config``; returns a summary dict.
+
+    The output folder is locked for the run (a second ``mlmd run`` on it is refused), a fresh
+    run refuses to start over any file a run writes, ``restart`` refuses a checkpoint written
+    with another model file unless ``allow_model_change``, and a full disk stops the run with
+    a message that says which files are intact (an :class:`~mlmd.errors.MLMDError`).
 
     ``extension`` (the learning loop of ``mlmd learn``) plugs into the run: ``state()`` goes
     into every checkpoint, ``start(sim, extra, checkpoint)`` is called once the state is
     restored (``extra``: the checkpoint's, None for a fresh run; ``checkpoint()`` saves one
-    now) and returns [(observer, interval)], ``finish(sim)`` at exit, ``summary()`` is merged
-    into the result.
+    now) and returns [(observer, interval)], ``finish(sim, aborted)`` at exit (``aborted``:
+    Ctrl-C or a failure), ``summary()`` is merged into the result; ``models_checked`` True means
+    the extension checks the model against the checkpoint itself.
     """
+    out = config.output
+    checkpoint = os.path.join(out, "checkpoint.npz")
+    config.trajectory_path()
+    if restart and not os.path.isfile(checkpoint):
+        raise InputError(f"restart: {checkpoint!r} does not exist; run without --restart first")
+    os.makedirs(out, exist_ok=True)
+    lock = OutputLock(out)
+    progress_note: Dict[str, Any] = {}
+    try:
+        if not restart:
+            _refuse_to_clobber(config)
+        return _run_locked(config, restart, progress, extension, allow_model_change, progress_note)
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise DiskFullError(_disk_full_message(config, exc, progress_note)) from None
+    finally:
+        lock.release()
+
+
+class DiskFullError(MLMDError, OSError):
+    """The disk filled up during a run: what is intact and how to go on is in the message."""
+
+
+class OutputLock:
+    """An exclusive ``flock`` on ``FOLDER/.mlmd.lock`` for as long as a run writes there; the
+    operating system drops it when the process ends, kill -9 included."""
+
+    def __init__(self, folder: str):
+        self.path = os.path.join(folder, ".mlmd.lock")
+        self._handle = open(self.path, "a+")
+        try:
+            import fcntl
+        except ImportError:          # not POSIX: no lock, as before
+            return
+        try:
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._handle.seek(0)
+            holder = self._handle.read().strip() or "another process"
+            self._handle.close()
+            self._handle = None
+            raise InputError(f"output: {folder!r} is in use by another mlmd run ({holder}); wait for it to "
+                             "finish, or choose another output folder (--out)") from None
+        try:
+            self._handle.seek(0)
+            self._handle.truncate()
+            self._handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            self._handle.flush()
+        except OSError:              # a full disk: the lock holds without the note
+            pass
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()     # closing the descriptor drops the flock
+            self._handle = None
+
+
+def _refuse_to_clobber(config: RunConfig) -> None:
+    existing = [path for path in config.output_paths() if os.path.exists(path)]
+    if existing:
+        names = [os.path.relpath(path, config.output) for path in existing]
+        raise InputError(f"output: {config.output!r} already holds {', '.join(names)} of another run; "
+                         "pass --restart to continue that run, or choose another output folder (--out); "
+                         "nothing was written")
+
+
+def _disk_full_message(config: RunConfig, exc: OSError, note: Dict[str, Any]) -> str:
+    where = f" while writing {exc.filename}" if exc.filename else ""
+    step = note.get("step")
+    lines = [f"the disk is full ({exc.strerror or exc}){where}"
+             + (f" at step {step}" if step is not None else "") + "."]
+    saved = note.get("checkpoint")
+    traj = os.path.relpath(config.trajectory_path(), config.output)
+    if saved:
+        lines.append(f"Intact: checkpoint.npz of step {saved['step']} and what it covers, the first "
+                     f"{saved['log_rows']} rows of log.csv and {saved['trajectory_frames']} frames of {traj}"
+                     + (" (and every label in active/)" if note.get("learning") else "")
+                     + f"; what was written after step {saved['step']} is cut away by the restart.")
+        lines.append(f"Free space on the disk holding {config.output!r}, then continue with "
+                     "`mlmd run CONFIG --restart` (`mlmd learn CONFIG --restart` for a learning run).")
+    else:
+        lines.append(f"No checkpoint was written yet, so there is nothing to continue: free space, remove "
+                     f"{config.output!r} and start the run again.")
+    return " ".join(lines)
+
+
+def _run_locked(config: RunConfig, restart: bool, progress: bool, extension, allow_model_change: bool,
+                note: Dict[str, Any]) -> Dict[str, Any]:
     import yaml
 
     from .reporters import CheckpointReporter, CSVLog, TrajectoryReporter
@@ -177,33 +297,31 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True, extensi
 
     out = config.output
     checkpoint = os.path.join(out, "checkpoint.npz")
-    if not restart and os.path.exists(os.path.join(out, "log.csv")):
-        raise InputError(f"output: {out!r} already holds a run (log.csv); pass --restart to continue it "
-                         "or choose another output folder (--out)")
-    if restart and not os.path.isfile(checkpoint):
-        raise InputError(f"restart: {checkpoint!r} does not exist; run without --restart first")
-    os.makedirs(out, exist_ok=True)
+    note["learning"] = extension is not None
     sim = Simulation(config.structure, config.model, integrator=config.integrator, timestep=config.timestep,
                      temperature=config.temperature, friction=config.friction, tau=config.tau,
                      seed=config.seed, skin=config.skin, fixed=config.fixed or None,
                      remove_com=config.remove_com, dtype=config.dtype, device=config.device,
                      threads=config.threads)
     log = CSVLog(os.path.join(out, "log.csv"), committee=sim.potential.committee_size > 1)
-    trajectory = TrajectoryReporter(os.path.join(out, config.trajectory), sim.atoms, config.timestep,
+    trajectory = TrajectoryReporter(config.trajectory_path(), sim.atoms, config.timestep,
                                     config.trajectory_interval)
     checkpointer = CheckpointReporter(checkpoint, log, trajectory,
                                       extra_state=extension.state if extension is not None else None)
     extra = None
     if restart:
-        extra = sim.load_checkpoint(checkpoint)
+        models_checked = extension is not None and getattr(extension, "models_checked", False)
+        extra = sim.load_checkpoint(checkpoint, allow_model_change=allow_model_change or models_checked)
         log.truncate(int(extra.get("log_rows", 0)))
         trajectory.writer.truncate(int(extra.get("trajectory_frames", 0)))
+        checkpointer.saved = {"step": sim.state.step, "log_rows": log.rows, "trajectory_frames": trajectory.frames}
     else:
         with open(os.path.join(out, "config.yaml"), "w") as handle:
             yaml.safe_dump(asdict(config), handle, sort_keys=False)
         if trajectory.writer.format != "extxyz":
             from .io import write_topology_pdb
             write_topology_pdb(os.path.join(out, "topology.pdb"), sim.atoms)
+    note["checkpoint_reporter"] = checkpointer
     sim.attach(log, config.log_interval)
     sim.attach(trajectory, config.trajectory_interval)
     sim.attach(checkpointer, config.checkpoint_interval)
@@ -212,19 +330,31 @@ def run(config: RunConfig, restart: bool = False, progress: bool = True, extensi
             sim.attach(observer, interval)
     remaining = max(config.steps - sim.state.step, 0)
     interrupted = False
+    failure: Optional[BaseException] = None
     try:
         sim.run(remaining, progress=progress)
     except KeyboardInterrupt:
         interrupted = True
+    except BaseException as exc:
+        failure = exc
+        raise
     finally:
-        if extension is not None:
-            extension.finish(sim)
-        log.close()
-        trajectory.writer.close()
+        note["step"] = sim.state.step
+        note["checkpoint"] = checkpointer.saved
+        # after a failure (a full disk, a broken state) closing may fail again: the first error counts
+        cleanup = [lambda: extension.finish(sim, aborted=interrupted or failure is not None)] \
+            if extension is not None else []
+        for close in cleanup + [log.close, trajectory.writer.close]:
+            try:
+                close()
+            except Exception:
+                if failure is None:
+                    raise
     if sim.steps_run and sim.state.step % config.log_interval:
         log(sim)            # the exit state is always in the log
         log.close()
     checkpointer(sim)       # and in the checkpoint
+    note["checkpoint"] = checkpointer.saved
     summary = summarize(os.path.join(out, "log.csv"), sim)
     summary["interrupted"] = interrupted
     if extension is not None:

@@ -261,21 +261,31 @@ class Simulation:
         meta = {"version": CHECKPOINT_VERSION, "step": s.step, "time": s.time,
                 "potential_energy": s.potential_energy, "bath_energy": s.bath_energy,
                 "integrator": self.integrator.describe(), "rng": self.integrator.rng_state(),
-                "model": self.potential.path, "dof": self.dof, "neighbor_builds": self.neighbor_builds,
-                "extra": extra or {}}
+                "model": self.potential.path, "model_sha256": model_sha256(self.potential),
+                "dof": self.dof, "neighbor_builds": self.neighbor_builds, "extra": extra or {}}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         path = os.fspath(path)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = path + ".tmp"
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
+        try:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **arrays)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            # a full disk or a kill mid-write: the previous checkpoint stays, the torn copy goes
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         os.replace(tmp, path)
         return path
 
-    def load_checkpoint(self, path: Union[str, os.PathLike]) -> Dict:
-        """Restore state, thermostat RNG and neighbour list from ``path``; returns its ``extra``."""
+    def load_checkpoint(self, path: Union[str, os.PathLike], allow_model_change: bool = False) -> Dict:
+        """Restore state, thermostat RNG and neighbour list from ``path``; returns its ``extra``.
+
+        A checkpoint written with another model file (by SHA-256) is refused: the energy would
+        jump at the restart.  ``allow_model_change`` continues with this Simulation's model.
+        """
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise InputError(f"checkpoint: file {path!r} does not exist; run without restart first")
@@ -286,6 +296,13 @@ class Simulation:
         if not np.array_equal(arrays["numbers"], s.numbers):
             raise InputError(f"checkpoint: {path!r} holds a different system ({len(arrays['numbers'])} atoms) "
                              "than the structure given; use the structure the run started from")
+        theirs_sha, ours_sha = meta.get("model_sha256"), model_sha256(self.potential)
+        if theirs_sha and ours_sha and theirs_sha != ours_sha and not allow_model_change:
+            raise InputError(f"checkpoint: {path!r} was written with the model file {meta.get('model')!r} "
+                             f"(SHA-256 {theirs_sha[:12]}...), this run uses {self.potential.path!r} "
+                             f"(SHA-256 {ours_sha[:12]}...): the energy would jump at the restart. Restart "
+                             "with the same model file, or allow the change (mlmd run --allow-model-change, "
+                             "Simulation.load_checkpoint(..., allow_model_change=True))")
         theirs = meta["integrator"]
         if theirs != self.integrator.describe():
             raise InputError(f"checkpoint: {path!r} was written by {theirs}, this run uses "
@@ -300,6 +317,27 @@ class Simulation:
         self.forces.neighbors.builds = int(meta["neighbor_builds"])
         self._initial_reported = True
         return meta.get("extra", {})
+
+
+_SHA_CACHE: Dict[tuple, str] = {}
+
+
+def model_sha256(potential: Union[Potential, str]) -> str:
+    """SHA-256 of a model file or of a potential's file ("" for an in-memory Potential or a
+    missing file), cached by path, size and modification time."""
+    path = potential if isinstance(potential, str) else getattr(potential, "path", "")
+    if not path or not os.path.isfile(path):
+        return ""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        import hashlib
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _SHA_CACHE[key] = digest.hexdigest()
+    return _SHA_CACHE[key]
 
 
 def _fixed_mask(atoms, fixed) -> np.ndarray:
