@@ -139,6 +139,17 @@ def predict(model: PonitaPotential, batch: Dict[str, torch.Tensor], create_graph
     return energies, out["forces"], virials
 
 
+def ema_decay_at(decay: float, step: int) -> float:
+    """Decay of the weight EMA after optimizer step ``step`` (1, 2, ...): min(decay, (1 + t) / (10 + t)),
+    the warm-up of TensorFlow's and torch_ema's averages (MACE's).
+
+    A fixed 0.99 from the first step keeps 0.99^t of the random initial weights in the average:
+    66 % after one epoch of 42 copper batches, 8 % after six, so a budget of a few epochs exported
+    a blend of trained and random weights (copper, 6 epochs: 0.118 eV/Å test force MAE).
+    """
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
 def optimizer_step(model, batch, scale: float, config: "TrainConfig", weights: Optional[torch.Tensor],
                    optimizer, scheduler) -> float:
     """One gradient step on the summed member losses of ``batch``; returns that loss."""
@@ -368,9 +379,10 @@ def train(config: TrainConfig) -> Dict:
             if config.augment_rotations:
                 rotate_batch(batch, generator)
             loss = optimizer_step(model, batch, scale, config, weights, optimizer, scheduler)
+            decay = ema_decay_at(config.ema_decay, scheduler.last_epoch)
             with torch.no_grad():
                 for k, v in params.items():
-                    ema[k].mul_(config.ema_decay).add_(v.detach(), alpha=1.0 - config.ema_decay)
+                    ema[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
             running += loss / members
         epoch += 1
         model.eval()
