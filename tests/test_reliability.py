@@ -315,3 +315,169 @@ def test_restart_with_another_model_file_is_refused_unless_asked(cu, tmp_path):
     assert read_log(str(tmp_path / "out" / "log.csv"))["step"][-1] == 100
     assert main(["run", other, "--restart", "--allow-model-change", "--no-progress"]) == 0
     assert read_log(str(tmp_path / "out" / "log.csv"))["step"][-1] == 200
+
+
+# ---- a wrong label enters training -----------------------------------------------------------------
+
+class SharedGeometryEMT:
+    """EMT the way tblite and other codes with a library behind them work: the geometry lives
+    inside the calculator object (set at the start of each calculation, read at the end, after
+    the "SCF" time) and one calculation gives energy, forces and stress.  ``delays``: seconds
+    per calculation, by frame name.  Not thread safe, like the real ones."""
+
+    def __new__(cls, delays):
+        from ase.calculators.calculator import Calculator, all_changes
+        from ase.calculators.emt import EMT
+
+        class _SharedGeometryEMT(Calculator):
+            implemented_properties = ["energy", "forces", "stress"]
+
+            def __init__(self, delays):
+                super().__init__()
+                self.delays = delays
+                self.geometry = None
+
+            def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
+                super().calculate(atoms, properties, system_changes)
+                self.geometry = self.atoms.copy()                 # the library's own copy
+                time.sleep(self.delays.get(self.atoms.info.get("name"), 0.0))
+                geometry = self.geometry.copy()                    # what the library computes on
+                geometry.calc = EMT()
+                self.results = {"energy": geometry.get_potential_energy(), "forces": geometry.get_forces(),
+                                "stress": geometry.get_stress()}
+
+        return _SharedGeometryEMT(delays)
+
+
+def test_a_timed_out_oracle_never_labels_the_next_frame(tmp_path):
+    """Frame A times out (0.72 s > 0.6 s) and its thread goes on with the same calculator object:
+    when its energy comes back it asks for the forces, and ASE recomputes frame A, which sets
+    the object's geometry back to A while frame B's calculation is running; B's label then held
+    A's energy.  Every label that comes out must be EMT's numbers for its own frame."""
+    import ase.io
+    from ase.calculators.emt import EMT
+    from mlmd.active import label_frames
+    from conftest import ROOT
+
+    frames = ase.io.read(os.path.join(ROOT, "systems", "copper", "data.extxyz"), ":2")
+    for name, atoms in zip("AB", frames):
+        atoms.calc = None
+        atoms.info["name"] = name
+    oracle = SharedGeometryEMT({"A": 0.72, "B": 0.25})
+    labels = label_frames(frames, oracle, timeout=0.6)
+    assert not labels[0].ok and "TimeoutError" in labels[0].error
+    assert labels[1].ok, labels[1].error
+    reference = frames[1].copy()
+    reference.calc = EMT()
+    got = labels[1].frame.calc.results
+    assert got["energy"] == pytest.approx(reference.get_potential_energy(), abs=1e-9), \
+        f"frame B labelled {got['energy'] - reference.get_potential_energy():+.3f} eV off"
+    np.testing.assert_allclose(got["forces"], reference.get_forces(), atol=1e-9)
+    np.testing.assert_allclose(got["stress"], reference.get_stress(), atol=1e-12)
+    time.sleep(1.5)                      # let A's thread finish before the next test
+
+
+def test_a_label_is_checked_against_its_frame(tmp_path):
+    """An oracle that returns forces of the wrong shape, or NaN, gives no label."""
+    import ase.io
+    from ase.calculators.calculator import Calculator
+    from mlmd.active import label_frames
+    from conftest import ROOT
+
+    class Broken(Calculator):
+        implemented_properties = ["energy", "forces"]
+
+        def __init__(self, forces):
+            super().__init__()
+            self.forces = forces
+
+        def calculate(self, atoms=None, properties=("energy",), system_changes=()):
+            super().calculate(atoms, properties, system_changes)
+            self.results = {"energy": -1.0, "forces": self.forces(len(self.atoms))}
+
+    frame = ase.io.read(os.path.join(ROOT, "systems", "copper", "data.extxyz"), "0")
+    frame.calc = None
+    for forces, why in ((lambda n: np.zeros((n - 1, 3)), "shape"), (lambda n: np.full((n, 3), np.nan), "NaN")):
+        labels = label_frames([frame], Broken(forces))
+        assert not labels[0].ok and why in labels[0].error, labels[0].error
+
+
+def test_dask_without_workers_fails_the_batch_instead_of_hanging():
+    """A cluster with no worker (`dask: local` with `workers: 0`, or a scheduler whose workers
+    died) used to wait forever.  workers: 0 is refused up front; a wait on a worker-less
+    cluster gives up after worker_timeout and the batch is reported as failed labels."""
+    import threading
+    import ase.io
+    from distributed import Client, LocalCluster
+    from mlmd.active import labeling, make_client
+    from conftest import ROOT
+
+    with pytest.raises(InputError, match="workers.*>= 1"):
+        make_client("local", workers=0)
+    frames = ase.io.read(os.path.join(ROOT, "systems", "copper", "data.extxyz"), ":2")
+    for atoms in frames:
+        atoms.calc = None
+    cluster = LocalCluster(n_workers=0, processes=False, dashboard_address=None)
+    client = Client(cluster)
+    result = {}
+    old = labeling.WORKER_TIMEOUT
+    labeling.WORKER_TIMEOUT = 2.0
+    try:
+        thread = threading.Thread(target=lambda: result.update(
+            labels=labeling.label_frames(frames, "emt", client=client)), daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "label_frames still waiting on a cluster without workers after 30 s"
+    finally:
+        labeling.WORKER_TIMEOUT = old
+        client.close()
+        cluster.close()
+    assert [label.ok for label in result["labels"]] == [False, False]
+    assert "no worker" in result["labels"][0].error
+
+
+def _copper_learn(tmp_path, **changes):
+    import ase.io
+    from conftest import ROOT
+
+    frames = ase.io.read(os.path.join(ROOT, "systems", "copper", "data.extxyz"), ":")
+    ase.io.write(tmp_path / "train.extxyz", frames[:8])
+    ase.io.write(tmp_path / "val.extxyz", frames[-4:])
+    start = frames[0].copy()
+    start.calc = None
+    ase.io.write(tmp_path / "cu32.xyz", start)
+    config = {"structure": "cu32.xyz", "model": os.path.join(ROOT, "systems", "copper", "copper_committee.pt"),
+              "oracle": "emt", "train_data": "train.extxyz", "val_data": "val.extxyz", "integrator": "langevin",
+              "temperature": 1500, "timestep": 2.0, "steps": 2000, "sigma_lo": 0.02, "sigma_hi": 5.0,
+              "batch_size": 2, "dedup_rmsd": 0.01, "check_interval": 10, "trajectory": "trajectory.extxyz",
+              "trajectory_interval": 10, "checkpoint_interval": 10, "log_interval": 10,
+              "finetune": {"epochs": 20, "batch_size": 4}, "output": str(tmp_path / "out"), "plot": False}
+    config.update(changes)
+    (tmp_path / "learn.yaml").write_text(yaml.safe_dump(config))
+    return str(tmp_path / "learn.yaml")
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_mlmd_learn_with_dask(tmp_path):
+    """Ctrl-C while `mlmd learn` waits on its Dask cluster (labels, member training) ends the
+    run within 20 s with exit 130 and a checkpoint, without the final refit (red before: still
+    running 60 s after SIGINT).  About 25 s: a LocalCluster and a learning run start."""
+    config = _copper_learn(tmp_path, dask="local", workers=1, final_finetune={"epochs": 200})
+    labels = tmp_path / "out" / "active" / "labels.extxyz"
+    process = subprocess.Popen(MLMD + ["learn", config, "--no-progress"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
+    deadline = time.time() + 240
+    while process.poll() is None and time.time() < deadline and \
+            (not labels.exists() or labels.read_text().count("Lattice") < 2):
+        time.sleep(0.2)
+    assert process.poll() is None, process.stdout.read().decode()[-2000:]
+    time.sleep(1.0)                       # into the retraining on the cluster
+    process.send_signal(signal.SIGINT)
+    try:
+        output = process.communicate(timeout=20)[0].decode()
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("mlmd learn still running 20 s after Ctrl-C: " + process.communicate()[0].decode()[-2000:])
+    assert process.returncode == 130, output[-2000:]
+    assert "interrupted: checkpoint written" in output and "final refit" not in (tmp_path / "out" / "learn.csv").read_text()
+    assert labels.read_text().count("Lattice") >= 2

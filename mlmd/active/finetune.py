@@ -173,6 +173,19 @@ def finetune_committee(potential_or_model, frames: Sequence, config: FinetuneCon
     else:
         futures = [client.submit(finetune_members, init, member_state(model, [m]), frames, [m], config, 1,
                                  pure=False) for m in members]
+        from .labeling import DaskWaitTimeout, completed
+
+        try:
+            for _ in completed(client, futures):     # bounded waits: no workers, Ctrl-C
+                pass
+        except DaskWaitTimeout as exc:
+            for future in futures:
+                future.cancel()
+            raise InputError(f"dask: fine-tuning the committee: {exc}") from None
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
         parts = client.gather(futures)
     merge_members(model, [(p[0], p[1]) for p in parts])
     model.eval()

@@ -232,7 +232,12 @@ class LearningExtension:
                 hook.retrain(finetune=final)
                 self.learner.close()
         if self.client is not None:
+            # a LocalCluster made for this run is not closed with its client; left open, its
+            # worker processes keep the interpreter from exiting
+            cluster = getattr(self.client, "cluster", None) if self.config.dask == "local" else None
             self.client.close()
+            if cluster is not None:
+                cluster.close()
             self.client = None
 
     def summary(self) -> Dict:

@@ -11,9 +11,12 @@ Every oracle is an ASE calculator; nothing is downloaded at run time.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import os
-from typing import Dict, Optional, Sequence, Union
+import threading
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from ase.calculators.calculator import Calculator, all_changes
@@ -140,7 +143,12 @@ class OpenMMForceField(Calculator):
         self.results["free_energy"] = self.results["energy"]
 
 
-_CACHE: Dict[str, Calculator] = {}
+OPENMM_KEYS = ("topology", "forcefield", "nonbonded", "cutoff", "rigid_water", "ewald_tolerance", "platform")
+
+_CACHE: Dict[str, Calculator] = {}        # one OpenMM oracle per spec and process (make_oracle's)
+_SPARES: Dict[str, List[Calculator]] = {}  # more, made while that one was busy in another thread
+_IN_USE: set = set()                       # id() of calculators a thread is computing with now
+_LOCK = threading.Lock()
 
 
 def oracle_name(oracle) -> str:
@@ -154,6 +162,52 @@ def oracle_name(oracle) -> str:
     return type(oracle).__name__
 
 
+class OracleBusy(RuntimeError):
+    """The calculator instance is still computing a timed-out frame and cannot be copied."""
+
+
+@contextlib.contextmanager
+def checked_out(oracle):
+    """A calculator for ``oracle`` that no other thread computes with while it is held.
+
+    A timed-out label keeps running in its thread on the calculator it was given; a calculator
+    keeps state between calls (ASE's results, tblite's geometry, an OpenMM Context), so the
+    next frame computed on the same object may be handed the timed-out frame's numbers.  Names
+    give a fresh calculator anyway; an ``{"openmm": ...}`` spec gets its cached one when free,
+    else another; a calculator instance is used when free, else a deep copy of it.
+    """
+    if isinstance(oracle, str):
+        yield make_oracle(oracle)
+        return
+    primary = make_oracle(oracle)
+    key = json.dumps(oracle, sort_keys=True) if isinstance(oracle, dict) else None
+    with _LOCK:
+        candidates = [primary] + (_SPARES.get(key, []) if key else [])
+        calculator = next((c for c in candidates if id(c) not in _IN_USE), None)
+        if calculator is not None:
+            _IN_USE.add(id(calculator))
+    if calculator is None:
+        if key is not None:
+            calculator = OpenMMForceField(**oracle["openmm"])
+            with _LOCK:
+                _SPARES.setdefault(key, []).append(calculator)
+                _IN_USE.add(id(calculator))
+        else:
+            try:
+                calculator = copy.deepcopy(oracle)
+            except Exception as exc:
+                raise OracleBusy(f"the oracle {type(oracle).__name__} is still computing a timed-out frame "
+                                 f"and cannot be copied ({type(exc).__name__}: {exc}); pass an oracle name "
+                                 "or a copyable calculator") from None
+            if hasattr(calculator, "reset"):
+                calculator.reset()
+    try:
+        yield calculator
+    finally:
+        with _LOCK:
+            _IN_USE.discard(id(calculator))
+
+
 def make_oracle(oracle: Union[str, dict, object]):
     """An ASE calculator for ``oracle``: a name from :data:`ORACLES`, an ``{"openmm": {...}}``
     dict (the keyword arguments of :class:`OpenMMForceField`), or a calculator instance."""
@@ -161,13 +215,16 @@ def make_oracle(oracle: Union[str, dict, object]):
         if set(oracle) != {"openmm"} or not isinstance(oracle["openmm"], dict):
             raise InputError(f"oracle: a dict oracle must be {{'openmm': {{'topology': ..., 'forcefield': [...]}}}}, "
                              f"got {oracle!r}")
+        # a typo'd key would otherwise reach ASE's Calculator, which files it and uses the default
+        unknown = sorted(set(oracle["openmm"]) - set(OPENMM_KEYS))
+        if unknown:
+            raise InputError(f"oracle.openmm: unknown key(s) {unknown}; the keys are {list(OPENMM_KEYS)}")
+        if "topology" not in oracle["openmm"]:
+            raise InputError("oracle.openmm.topology: missing; give the PDB or PDBx file whose atoms are in "
+                             "the order of the frames")
         key = json.dumps(oracle, sort_keys=True)
         if key not in _CACHE:        # one Context per process, reused for every frame
-            try:
-                _CACHE[key] = OpenMMForceField(**oracle["openmm"])
-            except TypeError as exc:
-                raise InputError(f"oracle.openmm: {exc}; keys are topology, forcefield, nonbonded, cutoff, "
-                                 "rigid_water, ewald_tolerance, platform") from None
+            _CACHE[key] = OpenMMForceField(**oracle["openmm"])
         return _CACHE[key]
     if not isinstance(oracle, str):
         if not hasattr(oracle, "get_potential_energy") and not hasattr(oracle, "calculate"):
