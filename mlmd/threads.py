@@ -54,3 +54,37 @@ def apply_threads(threads: Optional[int], n_atoms: int) -> int:
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads
+
+
+_ALLOCATOR_TUNED = False
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep freed memory for reuse instead of handing it back to the kernel.
+
+    A training step allocates and frees tensors of tens of MB (copper: [4,320,4,42,32] float32 per
+    layer, several times over in the double backward). By default glibc serves each from a fresh
+    mmap and unmaps it on free, so every step pays page faults on first touch: 25 % of a copper
+    training's CPU time was system time. Blocks up to 32 MB from the heap and no trimming: 1.61 ->
+    1.33 s per copper step (one thread). Returns False where it does not apply (not glibc).
+    """
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name or not os.uname().sysname == "Linux":
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3      # malloc.h
+    ok = (mallopt(m_mmap_threshold, 32 * 1024 * 1024) == 1
+          and mallopt(m_trim_threshold, 2 ** 31 - 1) == 1
+          and mallopt(m_top_pad, 256 * 1024 * 1024) == 1)
+    _ALLOCATOR_TUNED = ok
+    return ok

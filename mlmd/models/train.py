@@ -33,6 +33,7 @@ import torch
 
 from .. import keys, units
 from ..errors import InputError
+from ..threads import keep_freed_memory
 from ..uncertainty import calibrate_file
 from .data import fingerprint, read_dataset
 from .config import DEFAULT_HYPERPARAMETERS, TrainConfig, add_train_arguments  # noqa: F401  (re-exported)
@@ -261,6 +262,7 @@ def train(config: TrainConfig) -> Dict:
     from tqdm.auto import tqdm
 
     config.validate()
+    keep_freed_memory()
     os.makedirs(config.out, exist_ok=True)
     checkpoint_path = os.path.join(config.out, "checkpoint.pt")
     frames = read_dataset(config.data)
