@@ -678,7 +678,7 @@ def test_openmmml_honours_or_refuses_its_arguments(model_file, potential, ethano
         MLPotential("mlmd", modelPath=model_file, precision="single")
 
 
-def _app_simulation(model, atoms, integrator, platform="Reference", path="auto"):
+def _app_simulation(model, atoms, integrator, platform="Reference", path="auto", **force_options):
     openmm = _openmm()
     from openmm import app
     from mlmd.md.io import openmm_topology
@@ -688,7 +688,7 @@ def _app_simulation(model, atoms, integrator, platform="Reference", path="auto")
     system = openmm.System()
     for mass in atoms.get_masses():
         system.addParticle(float(mass))
-    system.addForce(create_force(model, topology, path=path))
+    system.addForce(create_force(model, topology, path=path, **force_options))
     simulation = app.Simulation(topology, system, integrator, openmm.Platform.getPlatformByName(platform))
     simulation.context.setPositions(atoms.positions * units.ANGSTROM_TO_NM)
     return simulation
@@ -701,8 +701,10 @@ def test_openmm_verlet_matches_internal_engine(model_file, ethanol):
     import mlmd
 
     dt = 0.5
-    sim = mlmd.Simulation(ethanol, model_file, integrator="verlet", timestep=dt, temperature=300, seed=4)
-    omm = _app_simulation(model_file, ethanol, openmm.VerletIntegrator(dt * 1e-3))
+    # untrained weights pull two H atoms within 0.3 Å by step 99, which the overlap check refuses
+    sim = mlmd.Simulation(ethanol, model_file, integrator="verlet", timestep=dt, temperature=300, seed=4,
+                          min_distance=0)
+    omm = _app_simulation(model_file, ethanol, openmm.VerletIntegrator(dt * 1e-3), min_distance=0)
     # OpenMM's Verlet is leap-frog: its velocities live at t - dt/2
     half_step_back = sim.state.velocities - 0.5 * dt * sim.state.forces * sim.state.accel[:, None]
     omm.context.setVelocities(half_step_back * units.ANGSTROM_PER_FS_TO_NM_PER_PS)

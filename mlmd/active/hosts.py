@@ -39,6 +39,10 @@ class EngineHost:
     def output(self) -> Dict:
         return self.sim.forces.output
 
+    def isolated_atoms(self) -> np.ndarray:
+        """Atoms without a neighbour within the cutoff, from the pairs of the last step."""
+        return self.sim.forces.isolated
+
     def frame(self):
         atoms = self.sim.get_atoms()
         atoms.calc = None
@@ -99,6 +103,14 @@ class ASEHost:
         calc = self.atoms.calc
         self.atoms.get_forces()             # results of the current positions (cached after a step)
         return calc.results
+
+    def isolated_atoms(self) -> np.ndarray:
+        from mlmd.guard import isolated_atoms
+        calc = self.atoms.calc
+        if hasattr(calc, "isolated"):
+            self.atoms.get_forces()
+            return calc.isolated
+        return isolated_atoms(self.atoms.positions, self.atoms.cell.array, self.atoms.pbc, self.potential.cutoff)
 
     def frame(self):
         atoms = self.atoms.copy()
@@ -189,6 +201,12 @@ class OpenMMHost:
         _, positions, cell, periodic = self._current()
         self._output = self._potential.compute(positions[self.indices], self.numbers, cell, np.full(3, periodic))
         return self._output
+
+    def isolated_atoms(self) -> np.ndarray:
+        """ML-region indices of atoms without a neighbour within the cutoff."""
+        from mlmd.guard import isolated_atoms
+        _, positions, cell, periodic = self._current()
+        return isolated_atoms(positions[self.indices], cell, np.full(3, periodic), self._potential.cutoff)
 
     def frame(self):
         import ase

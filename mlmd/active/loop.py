@@ -16,7 +16,8 @@ Every check classifies the current frame (:class:`~mlmd.uncertainty.TrustLevels`
   at once; ``mode="async"``: the hook runs in a background thread (its labelling and training
   in Dask workers when it has a client) and MD goes on with the old model until the new one is
   ready, then it is swapped in at the next check;
-- lost (σ ≥ σ_hi, NaN or Inf): the hook runs on the candidates collected so far (or on the lost
+- lost (σ ≥ σ_hi, NaN or Inf, or an atom without any neighbour within the cutoff, about which
+  a committee cannot disagree): the hook runs on the candidates collected so far (or on the lost
   frame itself when there are none), MD waits for the new model, and the state rolls back to
   the last trusted snapshot.  A rollback after which the hook gave no new model reseeds the
   thermostat so the same path is not replayed; ``max_rollbacks`` in a row without a trusted
@@ -74,6 +75,7 @@ class ActiveLearner:
         self.stats = {"checks": 0, "labels_requested": 0, "retrainings": 0, "swaps": 0, "rollbacks": 0,
                       "lost": 0, "hook_seconds": 0.0}
         self._lost_in_a_row = 0
+        self._isolated: List[int] = []
         self._seen_a_state = False        # the first state checked (after a start or a restart)
         self._executor: Optional[concurrent.futures.ThreadPoolExecutor] = None
         self._future: Optional[concurrent.futures.Future] = None
@@ -96,9 +98,16 @@ class ActiveLearner:
         calibration = float(host.potential.metadata.get(keys.META_CALIBRATION, 1.0) or 1.0)
         scores = frame_scores(output, calibration)
         score = scores["score"]
+        note = ""
+        isolated = host.isolated_atoms() if hasattr(host, "isolated_atoms") else ()
+        self._isolated = [int(i) for i in isolated[:20]]
+        if len(isolated):
+            # a committee cannot disagree about an atom without neighbours (σ = 0): not evidence of trust
+            score = math.inf
+            note = f"no neighbour within the cutoff: atoms {[int(i) for i in isolated[:20]]}"
         kind = self.trigger.levels.classify(score)
         self.trigger.counts[kind] += 1
-        self._log(host, kind, score, scores["energy_sigma"])
+        self._log(host, kind, score, scores["energy_sigma"], note)
         first, self._seen_a_state = not self._seen_a_state, True
         if kind == TRUSTED:
             self._lost_in_a_row = 0
@@ -170,8 +179,10 @@ class ActiveLearner:
             return
         self._lost_in_a_row += 1
         if self._lost_in_a_row > self.max_rollbacks:
+            why = (f"atoms {self._isolated} have no neighbour within the cutoff" if self._isolated else
+                   f"σ ≥ sigma_hi = {self.trigger.levels.sigma_hi} eV/Å")
             raise ModelLostError(
-                f"the committee stayed lost (σ ≥ sigma_hi = {self.trigger.levels.sigma_hi} eV/Å) after "
+                f"the committee stayed lost ({why}) after "
                 f"{self.max_rollbacks} rollbacks at step {host.step}; raise labels_per_ns or sigma_hi, "
                 "or lower the temperature")
         snapshot = self.buffer.last()

@@ -44,6 +44,7 @@ class RunConfig:
     tau: float = 100.0                  # fs (Bussi)
     seed: int = 0
     skin: float = 1.0                   # Å
+    min_distance: Optional[float] = None  # Å: closer atoms stop the run (None: half the covalent radii sum; 0: off)
     fixed: List[int] = field(default_factory=list)
     remove_com: bool = True
     dtype: Optional[str] = None         # float32 | float64 (default: the model file's)
@@ -141,6 +142,8 @@ class RunConfig:
                 bad(key, "must be a whole number" + (" >= 0" if key == "steps" else " >= 1"))
         if isinstance(self.skin, bool) or not isinstance(self.skin, (int, float)) or self.skin < 0:
             bad("skin", "must be a length >= 0 (Å)")
+        if self.min_distance is not None and (not math.isfinite(self.min_distance) or self.min_distance < 0):
+            bad("min_distance", "must be a length >= 0 (Å; 0: no overlap check), or left out")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             bad("seed", "must be an integer")
         if not isinstance(self.fixed, list) or not all(isinstance(i, int) for i in self.fixed):
@@ -302,7 +305,7 @@ def _run_locked(config: RunConfig, restart: bool, progress: bool, extension, all
                      temperature=config.temperature, friction=config.friction, tau=config.tau,
                      seed=config.seed, skin=config.skin, fixed=config.fixed or None,
                      remove_com=config.remove_com, dtype=config.dtype, device=config.device,
-                     threads=config.threads)
+                     threads=config.threads, min_distance=config.min_distance)
     log = CSVLog(os.path.join(out, "log.csv"), committee=sim.potential.committee_size > 1)
     trajectory = TrajectoryReporter(config.trajectory_path(), sim.atoms, config.timestep,
                                     config.trajectory_interval)

@@ -21,6 +21,7 @@ import torch
 
 from .. import keys
 from ..errors import InputError
+from ..guard import MIN_DISTANCE, Guard
 from ..potential import Potential, as_potential, local_frame
 from .integrators import (Integrator, MDState, degrees_of_freedom, make_integrator,
                           maxwell_boltzmann, remove_com_motion, temperature)
@@ -36,10 +37,13 @@ class ModelForces:
     """
 
     def __init__(self, potential: Potential, numbers: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
-                 skin: float = 1.0):
+                 skin: float = 1.0, min_distance: Optional[float] = MIN_DISTANCE):
         from ..neighbors import VerletList
 
         potential.check_numbers(numbers)
+        self.guard = Guard(numbers, min_distance, potential.cutoff, "engine")
+        #: 1 while the integrator steps: compute() then sees the positions of state.step + 1
+        self.step_offset = 0
         self.potential = potential
         self.module = potential.module
         self.dtype = potential.dtype
@@ -58,6 +62,8 @@ class ModelForces:
 
     def __call__(self, state: MDState) -> None:
         edge_index, shifts = self.neighbors.update(state.positions, state.cell, state.pbc)
+        where = lambda: f"step {state.step + self.step_offset}"   # noqa: E731 (formatted only when needed)
+        self.guard.geometry(state.positions, edge_index, shifts, where)
         positions = state.positions
         if self.dtype != torch.float64:
             # the engine never wraps: float32 files that cast positions first need them near 0
@@ -67,6 +73,12 @@ class ModelForces:
         state.forces[...] = out[keys.FORCES].detach().cpu().numpy()
         state.potential_energy = float(out[keys.ENERGY].detach())
         self.output = out
+        self.guard.outputs(state.potential_energy, state.forces, where)
+
+    @property
+    def isolated(self) -> np.ndarray:
+        """Atoms without a neighbour within the cutoff in the last frame computed."""
+        return self.guard.isolated
 
     @property
     def uncertainty(self) -> float:
@@ -96,13 +108,18 @@ class Simulation:
     remove_com   hold the centre-of-mass momentum at zero (Langevin: every step)
     dtype        compute the model in "float32"/"float64" (default: the file's dtype)
     threads      torch CPU threads (default: one per 256 atoms, see :mod:`mlmd.threads`)
+    min_distance two atoms closer than this stop the run: None, half the sum of their covalent
+                 radii (H–H 0.31 Å, C–H 0.54 Å); a length in Å for every pair; 0, no check.
+                 Non-finite energies or forces always stop it, atoms without a neighbour are
+                 warned about (:mod:`mlmd.guard`)
     """
 
     def __init__(self, atoms, model: Union[str, os.PathLike, Potential], integrator: str = "verlet",
                  timestep: float = 0.5, temperature: Optional[float] = None, friction: float = 1.0,
                  tau: float = 100.0, seed: Optional[int] = None, skin: float = 1.0,
                  fixed: Optional[Sequence] = None, remove_com: bool = True, dtype: Optional[str] = None,
-                 device: Optional[str] = None, threads: Optional[int] = None):
+                 device: Optional[str] = None, threads: Optional[int] = None,
+                 min_distance: Optional[float] = MIN_DISTANCE):
         if isinstance(atoms, (str, os.PathLike)):
             from .io import read_structure
             atoms = read_structure(atoms)
@@ -147,7 +164,7 @@ class Simulation:
             self.state.bath_energy = 0.0
         self.integrator.setup(self.state, self.dof)
         self.threads = apply_threads(threads, len(atoms))
-        self.forces = ModelForces(potential, self.state.numbers, cell, pbc, skin)
+        self.forces = ModelForces(potential, self.state.numbers, cell, pbc, skin, min_distance)
         self.forces(self.state)
         self.observers: List[Observer] = []
         self._initial_reported = False
@@ -209,8 +226,10 @@ class Simulation:
         """
         potential = as_potential(model, self.potential.device, dtype or self.potential.dtype_override)
         previous = self.forces.neighbors
+        min_distance = self.forces.guard.min_distance
         self.potential = potential
-        self.forces = ModelForces(potential, self.state.numbers, self.state.cell, self.state.pbc, previous.skin)
+        self.forces = ModelForces(potential, self.state.numbers, self.state.cell, self.state.pbc, previous.skin,
+                                  min_distance)
         self.forces(self.state)
         self.forces.neighbors.builds += previous.builds   # the log's count goes on across swaps
 
@@ -230,7 +249,10 @@ class Simulation:
         done_since = 0
         try:
             for _ in range(int(steps)):
-                integrator.step(state, self.forces)
+                forces = self.forces
+                forces.step_offset = 1
+                integrator.step(state, forces)
+                forces.step_offset = 0
                 if self._com_every_step:
                     remove_com_motion(state)
                 for observer in observers:

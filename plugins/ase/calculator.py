@@ -15,6 +15,7 @@ from ase.stress import full_3x3_to_voigt_6_stress
 
 from mlmd import keys
 from mlmd.errors import InputError
+from mlmd.guard import MIN_DISTANCE, Guard
 from mlmd.neighbors.cell_list import effective_cell
 from mlmd.potential import as_potential, local_frame
 
@@ -43,6 +44,13 @@ class MLMDCalculator(Calculator):
         Verlet skin in Å.  With ``skin > 0`` a :class:`mlmd.neighbors.VerletList` keeps the
         candidates within ``cutoff + skin`` between calls, rebuilt only when an atom has moved
         more than ``skin / 2``; with 0, pairs are built from scratch every call.
+    min_distance : float or None
+        Two atoms closer than this are warned about (:class:`mlmd.guard.OverlapWarning`; an
+        optimiser may probe such a geometry and reject it): None, half the sum of their covalent
+        radii; a length in Å for every pair; 0, no check.
+        Non-finite outputs raise :class:`mlmd.guard.BrokenStateError`; atoms without a neighbour
+        are warned about, and listed
+        in ``calc.isolated``.
     **kwargs
         Passed to :class:`ase.calculators.calculator.Calculator` (``label``, ``directory``...).
 
@@ -64,12 +72,13 @@ class MLMDCalculator(Calculator):
     default_parameters: dict = {}
 
     def __init__(self, model, device: Optional[str] = None, dtype: Optional[str] = None,
-                 skin: float = 0.0, threads: Optional[int] = None, **kwargs):
+                 skin: float = 0.0, threads: Optional[int] = None, min_distance: Optional[float] = MIN_DISTANCE,
+                 **kwargs):
         # Calculator.__init__ would file any other keyword under `parameters` and never read it
         unknown = sorted(set(kwargs) - set(_CALCULATOR_KEYWORDS))
         if unknown:
             raise InputError(f"{', '.join(unknown)}: not an option of MLMDCalculator; it takes model, "
-                             f"device, dtype, skin, threads and ASE's {', '.join(_CALCULATOR_KEYWORDS)}")
+                             f"device, dtype, skin, threads, min_distance and ASE's {', '.join(_CALCULATOR_KEYWORDS)}")
         super().__init__(**kwargs)
         if skin < 0:
             raise InputError(f"skin: must be >= 0 Å, got {skin}")
@@ -80,6 +89,7 @@ class MLMDCalculator(Calculator):
         self._threads_applied = False
         self.potential = as_potential(model, device, dtype)
         self.skin = float(skin)
+        self.guard = Guard([], min_distance, self.potential.cutoff, "ASE", overlap="warn")
         if self.potential.committee_size > 1:
             register_ase_properties()
             self.implemented_properties = type(self).implemented_properties + self.committee_properties
@@ -116,6 +126,7 @@ class MLMDCalculator(Calculator):
         if self._numbers is None or not np.array_equal(numbers, self._numbers):
             self.potential.check_numbers(numbers)
             self._numbers = numbers.copy()
+            self.guard.set_numbers(numbers)
             self._numbers_t = torch.as_tensor(self._numbers, dtype=torch.int64, device=self._device)
             self._verlet = None
         if not np.isfinite(positions).all():
@@ -146,6 +157,9 @@ class MLMDCalculator(Calculator):
             self.threads = apply_threads(self.threads, len(positions))
             self._threads_applied = True
         edge_index, shifts = self._pairs(positions, cell, pbc)
+        count = self.n_evaluations + 1
+        where = lambda: f"ASE calculation {count}"   # noqa: E731 (formatted only when needed)
+        self.guard.geometry(positions, edge_index, shifts, where)
         if self.potential.dtype != torch.float64:
             positions, shifts = local_frame(positions, cell, pbc, edge_index, shifts)
         dev = self._device
@@ -158,6 +172,7 @@ class MLMDCalculator(Calculator):
         self.n_evaluations += 1
 
         energy = float(out[keys.ENERGY].detach())
+        self.guard.outputs(energy, out[keys.FORCES].detach().cpu().numpy(), where)
         results = {
             "energy": energy,
             "free_energy": energy,
@@ -174,6 +189,11 @@ class MLMDCalculator(Calculator):
             results[keys.MEMBER_FORCES] = _numpy64(out[keys.MEMBER_FORCES])
         self.results = results
 
+    @property
+    def isolated(self) -> np.ndarray:
+        """Atoms without a neighbour within the cutoff in the last calculation."""
+        return self.guard.isolated
+
     # ---- pickling (multiprocessing, Dask): reload from the model file -----------------------
     def __getstate__(self):
         if not self.potential.path:
@@ -181,11 +201,13 @@ class MLMDCalculator(Calculator):
                             "pickled; make it from the model file path, MLMDCalculator('model.pt')")
         return {"path": self.potential.path, "device": self.potential.device,
                 "dtype": self.potential.dtype_override, "skin": self.skin, "threads": self._threads_asked,
+                "min_distance": self.guard.min_distance,
                 "directory": self.directory, "atoms": self.atoms, "results": dict(self.results)}
 
     def __setstate__(self, state):
         self.__init__(state["path"], device=state["device"], dtype=state["dtype"], skin=state["skin"],
-                      threads=state["threads"], directory=state["directory"])
+                      threads=state["threads"], directory=state["directory"],
+                      min_distance=state.get("min_distance", MIN_DISTANCE))
         self.atoms = state["atoms"]
         self.results = state["results"]
 

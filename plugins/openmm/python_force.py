@@ -15,6 +15,7 @@ import torch
 
 from mlmd import keys, units
 from mlmd.errors import InputError, ModelFileError, missing_dependency
+from mlmd.guard import MIN_DISTANCE, Guard
 from mlmd.potential import Potential, as_potential, local_frame
 
 __all__ = ["create_python_force", "MLMDComputation"]
@@ -42,7 +43,9 @@ class MLMDComputation:
     """
 
     def __init__(self, potential: Potential, numbers: np.ndarray, periodic: bool, skin: float = 0.0,
-                 particles: Optional[np.ndarray] = None, n_particles: Optional[int] = None):
+                 particles: Optional[np.ndarray] = None, n_particles: Optional[int] = None,
+                 min_distance: Optional[float] = MIN_DISTANCE):
+        self.min_distance = min_distance
         self.potential = potential
         self.numbers = np.ascontiguousarray(numbers, dtype=np.int64)
         self.periodic = bool(periodic)
@@ -77,6 +80,7 @@ class MLMDComputation:
         self._fast_positions = hasattr(openmm.State, "_getVectorAsNumpy")
         self._positions_enum = getattr(openmm.State, "Positions", None)
         self._box_getter = getattr(getattr(openmm.openmm, "_openmm", None), "State_getPeriodicBoxVectors", None)
+        self.guard = Guard(self.numbers, self.min_distance, self._cutoff, "OpenMM PythonForce", overlap="warn")
         self._verlet = None
         if self.skin > 0:
             from mlmd.neighbors import VerletList
@@ -120,6 +124,8 @@ class MLMDComputation:
             edge_index, shifts = self._verlet.update(positions, cell, self._pbc)
         else:
             edge_index, shifts = self._neighbor_pairs(positions, cell, self._pbc, self._cutoff)
+        where = lambda: f"OpenMM step {state.getStepCount()}"   # noqa: E731 (formatted only when needed)
+        self.guard.geometry(positions, edge_index, shifts, where)
         dev = self._device
         self.last_positions = positions          # Å, [n] of the ML atoms; read by UncertaintyReporter
         if self._local_frame:
@@ -130,7 +136,9 @@ class MLMDComputation:
                            torch.as_tensor(edge_index, device=dev), torch.as_tensor(shifts, device=dev),
                            False)
         self.last = out
-        energy = float(out[keys.ENERGY].detach()) * units.EV_TO_KJ_PER_MOL
+        energy_ev = float(out[keys.ENERGY].detach())
+        self.guard.outputs(energy_ev, out[keys.FORCES].detach().cpu().numpy(), where)
+        energy = energy_ev * units.EV_TO_KJ_PER_MOL
         # out= casts a float32 model's forces to the float64 buffer in the same pass
         np.multiply(out[keys.FORCES].detach().cpu().numpy(), units.EV_PER_ANGSTROM_TO_KJ_PER_MOL_NM,
                     out=self._forces)
@@ -161,7 +169,7 @@ class MLMDComputation:
                 "model_sha256": _sha256(self.potential.path), "device": self.potential.device,
                 "dtype": self.potential.metadata[keys.META_DTYPE], "numbers": self.numbers,
                 "periodic": self.periodic, "skin": self.skin, "particles": self.particles,
-                "n_particles": self.n_particles}
+                "n_particles": self.n_particles, "min_distance": self.min_distance}
 
     def __setstate__(self, state):
         path = state.get("model_file", state.get("path"))
@@ -191,6 +199,7 @@ class MLMDComputation:
         particles = state.get("particles")
         self.particles = None if particles is None else np.asarray(particles, dtype=np.int64)
         self.n_particles = int(state.get("n_particles", len(self.numbers)))
+        self.min_distance = state.get("min_distance", MIN_DISTANCE)
         self.last = None
         self._setup()
 
@@ -234,7 +243,8 @@ def _numbers_from(topology_or_numbers):
 
 def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int]] = None,
                         periodic: Optional[bool] = None, *, device: Optional[str] = None,
-                        dtype: Optional[str] = None, skin: float = 0.0, threads: Optional[int] = None):
+                        dtype: Optional[str] = None, skin: float = 0.0, threads: Optional[int] = None,
+                        min_distance: Optional[float] = MIN_DISTANCE):
     """An ``openmm.PythonForce`` that evaluates an mlmd model every step.
 
     Parameters
@@ -259,6 +269,12 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
         Verlet skin in Å, used when :class:`mlmd.neighbors.VerletList` is available.
     threads : int, optional
         torch CPU threads (process-wide); default one per 256 ML atoms (:mod:`mlmd.threads`).
+    min_distance : float or None
+        Two ML atoms closer than this are warned about with the step (:class:`mlmd.guard.OverlapWarning`;
+        OpenMM's minimiser may probe such a geometry and reject it): None, half the sum of their
+        covalent radii; a length in Å for every pair; 0, no check.  A non-finite energy or force
+        stops the step (:class:`mlmd.guard.BrokenStateError`, naming the atoms); ML atoms without a
+        neighbour within the cutoff are warned about (``force.computation.guard.isolated``).
 
     Returns
     -------
@@ -278,8 +294,10 @@ def create_python_force(model, topology_or_numbers, atoms: Optional[Sequence[int
     # OpenMM >= 8.6 passes only the ML particles to the callback; 8.5 passes all of them
     subset_in_force = atoms is not None and hasattr(openmm.PythonForce, "setParticles")
     particles = None if atoms is None or subset_in_force else atoms
+    from mlmd.guard import check_min_distance
     computation = MLMDComputation(potential, ml_numbers, bool(periodic), skin,
-                                  particles=particles, n_particles=len(numbers))
+                                  particles=particles, n_particles=len(numbers),
+                                  min_distance=check_min_distance(min_distance))
     force = openmm.PythonForce(computation)
     if subset_in_force:
         force.setParticles([int(i) for i in atoms])

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -178,11 +178,32 @@ def neighbor_pairs_torch(positions: Tensor, cell: Tensor, periodic: bool, cutoff
     return cell_list_pairs(positions, cell, periodic, cutoff)
 
 
+@torch.jit.script
+def _decimals(value: float, digits: int) -> str:
+    """``value`` with ``digits`` decimals (TorchScript's str() of a float prints 17 digits)."""
+    scale = 1
+    for _ in range(digits):               # int ** int is a float in TorchScript
+        scale = scale * 10
+    whole = int(round(abs(value) * float(scale)))
+    fraction = str(whole % scale)
+    while len(fraction) < digits:
+        fraction = "0" + fraction
+    return ("-" if value < 0 else "") + str(whole // scale) + "." + fraction
+
+
 class TorchForceModule(nn.Module):
-    """forward(positions [P,3] nm, box [3,3] nm or None) -> (energy kJ/mol, forces [P,3] kJ/mol/nm)."""
+    """forward(positions [P,3] nm, box [3,3] nm or None) -> (energy kJ/mol, forces [P,3] kJ/mol/nm).
+
+    Checks each call as the other hosts do (:mod:`mlmd.guard`): a System whose particle count is
+    not the one the force was made for and a non-finite energy or force raise (OpenMM stops the
+    step with the message); two ML atoms closer than ``min_distance`` and ML atoms without a
+    neighbour within the cutoff are warned about once per new occurrence (OpenMM's minimiser
+    may probe overlapping geometries).  OpenMM passes no step number, so messages count force
+    evaluations.
+    """
 
     def __init__(self, core, numbers: Sequence[int], n_particles: int, atoms: Optional[Sequence[int]],
-                 periodic: bool, cutoff: float):
+                 periodic: bool, cutoff: float, min_distance: Optional[float] = None):
         super().__init__()
         self.core = core
         self.register_buffer("numbers", torch.as_tensor(np.asarray(numbers, dtype=np.int64)))
@@ -194,8 +215,22 @@ class TorchForceModule(nn.Module):
         self.energy_scale = float(units.EV_TO_KJ_PER_MOL)
         self.force_scale = float(units.EV_PER_ANGSTROM_TO_KJ_PER_MOL_NM)
         self.to_angstrom = float(units.NM_TO_ANGSTROM)
+        # < 0: each pair's limit is the sum of half_limits (mlmd.guard's covalent-radius rule)
+        self.min_distance = -1.0 if min_distance is None else float(min_distance)
+        from mlmd.guard import half_limits
+        self.register_buffer("half_limits", torch.as_tensor(half_limits(numbers), dtype=torch.float64))
+        self.register_buffer("evaluations", torch.zeros((), dtype=torch.long))
+        self.register_buffer("warned_isolated", torch.zeros(len(numbers), dtype=torch.bool))
+        self.register_buffer("warned_overlap", torch.zeros((), dtype=torch.bool))
 
     def forward(self, positions: Tensor, box: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        if positions.shape[0] != self.n_particles:
+            # the message in a variable: libtorch prints the raising line in its traceback
+            message = ("topology_or_numbers: describes {} particles but OpenMM passed {} particles to the force; "
+                       "give one atomic number per System particle, or the ML region with atoms=[...]".format(
+                           self.n_particles, positions.shape[0]))
+            raise ValueError(message)
+        self.evaluations += 1
         ml = positions.index_select(0, self.atoms).to(torch.float64) * self.to_angstrom
         if self.periodic:
             if box is None:
@@ -212,11 +247,54 @@ class TorchForceModule(nn.Module):
             ml = ml - ml.mean(dim=0)
         with torch.no_grad():
             edge_index, shifts = neighbor_pairs_torch(ml, cell, self.periodic, self.cutoff)
+            self._check_geometry(ml, edge_index, shifts)
         out = self.core(ml, self.numbers, cell, pbc, edge_index, shifts, False)
+        if not bool(torch.isfinite(out["energy"]).all()) or not bool(torch.isfinite(out["forces"]).all()):
+            bad = self.atoms.index_select(0, torch.nonzero(~torch.isfinite(out["forces"]).all(dim=1)).flatten())
+            bad_ids: List[int] = bad[:20].tolist()
+            message = ("OpenMM TorchForce evaluation {}: the model returned a non-finite energy or forces (particles "
+                       "{}); the state is broken (an explosion, overlapping atoms, a model outside its data)".format(
+                           int(self.evaluations), bad_ids))
+            raise ValueError(message)
         energy = out["energy"].to(torch.float64) * self.energy_scale
         forces = torch.zeros((self.n_particles, 3), dtype=torch.float64, device=positions.device)
         forces = forces.index_copy(0, self.atoms, out["forces"].to(torch.float64) * self.force_scale)
         return energy.to(positions.dtype), forces.to(positions.dtype)
+
+
+    def _check_geometry(self, ml: Tensor, edge_index: Tensor, shifts: Tensor):
+        n_atoms = ml.shape[0]
+        if edge_index.shape[1] > 0 and self.min_distance != 0.0:
+            d = ml.index_select(0, edge_index[1]) - ml.index_select(0, edge_index[0]) + shifts
+            d2 = (d * d).sum(dim=1)
+            if self.min_distance > 0.0:
+                limit = torch.full_like(d2, self.min_distance)
+            else:
+                limit = self.half_limits[edge_index[0]] + self.half_limits[edge_index[1]]
+            ratio = d2 / (limit * limit)
+            worst = int(torch.argmin(ratio))
+            overlapping = bool(ratio[worst] < 1.0)
+            if overlapping and not bool(self.warned_overlap):
+                message = ("OpenMM TorchForce evaluation {}: particles {} and {} are {} A apart, closer than {} A "
+                           "(min_distance; default half the sum of their covalent radii): overlapping atoms give "
+                           "the model no meaningful energy; check the structure, or the timestep and temperature "
+                           "that led here".format(
+                               int(self.evaluations), int(self.atoms[edge_index[0, worst]]),
+                               int(self.atoms[edge_index[1, worst]]),
+                               _decimals(float(d2[worst].sqrt()), 3), _decimals(float(limit[worst]), 2)))
+                warnings.warn(message)
+            self.warned_overlap.fill_(overlapping)
+        if n_atoms > 1:
+            counts = torch.bincount(edge_index[0], minlength=n_atoms)
+            isolated = counts == 0
+            if bool((isolated & ~self.warned_isolated).any()):
+                atoms = self.atoms.index_select(0, torch.nonzero(isolated).flatten())
+                ids: List[int] = atoms[:20].tolist()
+                warnings.warn("OpenMM TorchForce evaluation {}: {} particle(s) {} have no neighbour within the cutoff "
+                              "({} A): the model gives them a constant energy and a committee sigma of 0; the "
+                              "system may have blown apart".format(int(self.evaluations), int(atoms.shape[0]),
+                                                                   ids, _decimals(self.cutoff, 2)))
+            self.warned_isolated.copy_(isolated)
 
 
 def _import_openmmtorch():
@@ -277,12 +355,15 @@ def torch_force_available() -> bool:
 
 
 def create_torch_force(model, topology_or_numbers, atoms=None, periodic=None, *, device=None, dtype=None,
-                       threads=None):
+                       threads=None, min_distance=None):
     """An openmm-torch ``TorchForce`` evaluating an mlmd model inside OpenMM.
 
     Arguments as :func:`~mlmd.plugins.openmm.create_python_force`.  The scripted module is
     built here from the model file; energies in kJ/mol, forces in kJ/mol/nm.
     """
+    from mlmd.guard import check_min_distance
+
+    check_min_distance(min_distance)
     from mlmd.threads import apply_threads, check_threads
     from .python_force import _ml_region, remember_settings
 
@@ -293,7 +374,7 @@ def create_torch_force(model, topology_or_numbers, atoms=None, periodic=None, *,
     # libtorch inside OpenMM's loop shares this process's intra-op thread pool
     apply_threads(threads, len(numbers) if ml_atoms is None else len(ml_atoms))
     module = TorchForceModule(potential.module, numbers[ml_atoms] if ml_atoms is not None else numbers,
-                              len(numbers), ml_atoms, periodic, potential.cutoff)
+                              len(numbers), ml_atoms, periodic, potential.cutoff, min_distance)
     force = openmmtorch.TorchForce(torch.jit.script(module))
     force.setOutputsForces(True)
     force.setUsesPeriodicBoundaryConditions(bool(periodic))
