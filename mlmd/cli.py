@@ -254,7 +254,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="precision for the finite-difference checks (the file is cast)")
     p.set_defaults(func=_cmd_audit)
 
-    p = sub.add_parser("import-mace", help="bring MACE models (mace_run_train's .model files) into one mlmd file")
+    p = sub.add_parser("import-mace", help="bring MACE models (mace_run_train's .model files) into one mlmd file; "
+                       "UNPICKLES them: import only files you trust",
+                       description="MACE's .model format is a Python pickle, and unpickling a file runs code it "
+                                   "refers to. import-mace first refuses files that are not torch.save archives of "
+                                   "a MACE model or that refer to anything outside mace/e3nn/torch/numpy, without "
+                                   "unpickling them; that screens out other files, it does not make a hostile "
+                                   "file safe (MACE's own parts carry code that runs on load). Import only .model "
+                                   "files you or someone you trust trained. The mlmd file written is TorchScript "
+                                   "and loads without unpickling.")
     p.add_argument("models", nargs="+", help="one .model file per committee member (same elements and r_max)")
     p.add_argument("--out", required=True, help="mlmd model file to write")
     p.add_argument("--dtype", default="float64", choices=["float32", "float64"])

@@ -221,9 +221,32 @@ def load_module(path: str | os.PathLike, device: str = "cpu"):
     for key in (keys.META_CUTOFF, keys.META_SPECIES, keys.META_COMMITTEE, keys.META_DTYPE):
         if key not in meta:
             raise ModelFileError(f"model file {path!r}: metadata lacks {key!r}")
+    _check_metadata_against_module(path, meta, module)
     # files saved in training mode would build a double-backward graph on every call
     module.eval()
     return module, meta
+
+
+def _check_metadata_against_module(path: str, meta: Dict[str, Any], module) -> None:
+    """The hosts build neighbour lists from the metadata's cutoff and check elements against its
+    species: a file whose metadata disagrees with its module would give wrong energies silently."""
+    def disagree(key, theirs, ours):
+        raise ModelFileError(f"model file {path!r}: the metadata says {key} = {theirs!r} but the module was "
+                             f"built with {ours!r}; the file was edited or assembled by hand, re-export it "
+                             "with `mlmd export` (or mlmd.potential.export)")
+
+    cutoff = getattr(module, "cutoff", None)
+    if cutoff is not None and not abs(float(cutoff) - float(meta[keys.META_CUTOFF])) <= 1e-9 * max(1.0, float(cutoff)):
+        disagree(keys.META_CUTOFF, meta[keys.META_CUTOFF], float(cutoff))
+    species = getattr(module, "species", None)
+    if species is not None and [int(z) for z in species] != [int(z) for z in meta[keys.META_SPECIES]]:
+        disagree(keys.META_SPECIES, meta[keys.META_SPECIES], [int(z) for z in species])
+    committee = getattr(module, "committee_size", None)
+    if committee is not None and int(committee) != int(meta[keys.META_COMMITTEE]):
+        disagree(keys.META_COMMITTEE, meta[keys.META_COMMITTEE], int(committee))
+    probe = getattr(module, "dtype_probe", None)
+    if probe is not None and str(probe.dtype).replace("torch.", "") != meta[keys.META_DTYPE]:
+        disagree(keys.META_DTYPE, meta[keys.META_DTYPE], str(probe.dtype).replace("torch.", ""))
 
 
 @dataclass

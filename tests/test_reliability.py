@@ -5,6 +5,7 @@ SIGKILL, OpenMM, openmm-torch, ASE, EMT); only the fault itself is injected wher
 mechanism exists in a test (a torn frame, a full disk without a tmpfs).
 """
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -481,3 +482,262 @@ def test_ctrl_c_stops_mlmd_learn_with_dask(tmp_path):
     assert process.returncode == 130, output[-2000:]
     assert "interrupted: checkpoint written" in output and "final refit" not in (tmp_path / "out" / "learn.csv").read_text()
     assert labels.read_text().count("Lattice") >= 2
+
+
+# ---- broken states are never silent ------------------------------------------------------------------
+
+def _ethanol(case):
+    """Ethanol with atoms 0 and 1 at one position ("overlap") or hydrogen 8 pulled 20 Å away ("isolated")."""
+    import ase.io
+    from conftest import ETHANOL_DIR
+
+    atoms = ase.io.read(os.path.join(ETHANOL_DIR, "ethanol.xyz"))
+    if case == "overlap":
+        atoms.positions[1] = atoms.positions[0]
+    elif case == "isolated":
+        atoms.positions[8] += [20.0, 0.0, 0.0]
+    return atoms
+
+
+def test_engine_stops_on_overlapping_atoms_and_non_finite_outputs(tmp_path, capsys):
+    """Two atoms at one position gave NaN energy and forces and a run that went on."""
+    from conftest import SHIPPED_MODEL
+    from mlmd import Simulation
+    from mlmd.guard import BrokenStateError
+
+    with pytest.raises(BrokenStateError, match=r"step 0: atoms 0 and 1 are 0\.000 Å apart, closer than 0\.76 Å, half the sum of the covalent radii of C and C"):
+        Simulation(_ethanol("overlap"), SHIPPED_MODEL, temperature=300, integrator="langevin")
+    with pytest.raises(BrokenStateError, match=r"step 0: the model returned a non-finite energy and forces on atom"):
+        Simulation(_ethanol("overlap"), SHIPPED_MODEL, temperature=300, integrator="langevin", min_distance=0)
+    # through the CLI: a clear message and exit 2, no traceback
+    _ethanol("overlap").write(tmp_path / "bad.xyz")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(
+        {"structure": "bad.xyz", "model": SHIPPED_MODEL, "steps": 10, "temperature": 300,
+         "output": str(tmp_path / "out"), "trajectory": "t.extxyz"}))
+    assert main(["run", str(tmp_path / "run.yaml"), "--no-progress"]) == 2
+    assert "atoms 0 and 1 are 0.000 Å apart" in capsys.readouterr().err
+
+
+def test_engine_warns_about_atoms_that_left_every_neighbour(cu, tmp_path):
+    """An atom pulled out of the crystal mid-run (here by an observer at step 10; in the field, by
+    an explosion) is named with the step at which it has no neighbour left."""
+    from mlmd import Simulation
+    from mlmd.guard import IsolatedAtomsWarning
+
+    import ase.io
+    atoms = ase.io.read(tmp_path / "cu.extxyz")
+    atoms.pbc = False                               # a 32-atom cluster
+    sim = Simulation(atoms, str(tmp_path / "cu.pt"), integrator="verlet", timestep=1.0)
+    assert len(sim.forces.isolated) == 0
+
+    def pull(s):
+        if s.state.step == 10:
+            s.state.positions[5] += [30.0, 0.0, 0.0]
+    sim.attach(pull, 10)
+    with pytest.warns(IsolatedAtomsWarning, match=r"step 11: 1 atom\(s\) \[5\] have no neighbour within the cutoff"):
+        sim.run(20)
+    assert sim.forces.isolated.tolist() == [5]
+
+
+def test_ase_calculator_stops_on_nan_and_warns_about_overlap_and_isolated_atoms():
+    """Two atoms at one position: a warning naming them (an optimiser may probe such a geometry
+    and reject it), then the NaN the model gives stops the calculation; an isolated atom is named."""
+    from conftest import SHIPPED_MODEL
+    from mlmd.guard import BrokenStateError, IsolatedAtomsWarning, OverlapWarning
+    from mlmd.plugins.ase import MLMDCalculator
+
+    atoms = _ethanol("overlap")
+    atoms.calc = MLMDCalculator(SHIPPED_MODEL)
+    with pytest.raises(BrokenStateError, match=r"ASE calculation 1: the model returned a non-finite energy"):
+        with pytest.warns(OverlapWarning, match=r"ASE calculation 1: atoms 0 and 1 are 0\.000 Å apart"):
+            atoms.get_potential_energy()
+    atoms = _ethanol("isolated")
+    atoms.calc = MLMDCalculator(SHIPPED_MODEL)
+    with pytest.warns(IsolatedAtomsWarning, match=r"ASE calculation 1: 1 atom\(s\) \[8\]"):
+        atoms.get_forces()
+    assert atoms.calc.isolated.tolist() == [8]
+
+
+def _openmm_context(force, positions_angstrom, n_particles):
+    openmm = pytest.importorskip("openmm")
+    system = openmm.System()
+    for _ in range(n_particles):
+        system.addParticle(12.0)
+    system.addForce(force)
+    context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    context.setPositions(np.asarray(positions_angstrom) * 0.1)
+    return context
+
+
+@pytest.mark.parametrize("path", ["python", "torch"])
+def test_openmm_paths_stop_on_nan_and_check_the_particle_count(path, capfd):
+    """Both OpenMM paths: two atoms at one position are named in a warning (OpenMM's minimiser
+    probes such geometries on trial steps) and the NaN they give stops the evaluation; the
+    TorchForce path refuses a System with one particle more than the force was made for (it gave
+    that particle no force) or one fewer, with the PythonForce path's message."""
+    pytest.importorskip("openmm")
+    import warnings
+    from conftest import SHIPPED_MODEL
+    from mlmd.guard import IsolatedAtomsWarning
+    from mlmd.plugins.openmm import create_force
+
+    if path == "torch":
+        pytest.importorskip("openmmtorch")
+    ethanol = _ethanol(None)
+    capfd.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(Exception, match=r"non-finite energy"):
+            _openmm_context(create_force(SHIPPED_MODEL, ethanol.numbers, path=path), _ethanol("overlap").positions,
+                            9).getState(getEnergy=True)
+    said = " ".join(str(w.message) for w in caught) + capfd.readouterr().err    # TorchForce: libtorch's stderr
+    assert re.search(r"(atoms|particles) 0 and 1 are 0\.000 (Å|A) apart, closer than 0\.76", said), said
+    extra = np.vstack([ethanol.positions, [[5.0, 5.0, 5.0]]])
+    for positions, n in ((extra, 10), (ethanol.positions[:8], 8)):
+        with pytest.raises(Exception, match=f"describes 9 particles but OpenMM passed {n} particles"):
+            _openmm_context(create_force(SHIPPED_MODEL, ethanol.numbers, path=path), positions, n) \
+                .getState(getEnergy=True, getForces=True)
+    isolated = _ethanol("isolated")
+    context = _openmm_context(create_force(SHIPPED_MODEL, ethanol.numbers, path=path), isolated.positions, 9)
+    if path == "python":
+        with pytest.warns(IsolatedAtomsWarning, match=r"OpenMM step 0: 1 atom\(s\) \[8\]"):
+            context.getState(getEnergy=True)
+    else:
+        capfd.readouterr()
+        context.getState(getEnergy=True)
+        assert "1 particle(s) [8] have no neighbour within the cutoff (5.00 A)" in capfd.readouterr().err
+
+
+def test_learning_loop_does_not_trust_a_frame_with_an_isolated_atom():
+    """σ is 0 for an atom without neighbours, so a blown-apart frame looked trusted."""
+    from conftest import SHIPPED_MODEL
+    from mlmd import Simulation
+    from mlmd.active import ActiveLearner
+    from mlmd.active.hosts import EngineHost
+    from mlmd.uncertainty import LOST, TRUSTED, Trigger, TrustLevels
+
+    class NoHook:
+        def on_candidates(self, frames):
+            return None
+
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim = Simulation(_ethanol("isolated"), SHIPPED_MODEL, integrator="verlet")
+    learner = ActiveLearner(NoHook(), Trigger(TrustLevels(50.0, 100.0)), rollback=False)
+    assert learner.check(EngineHost(sim)) == LOST
+    sim = Simulation(_ethanol(None), SHIPPED_MODEL, integrator="verlet")
+    assert learner.check(EngineHost(sim)) == TRUSTED
+
+
+# ---- bad input, up front ------------------------------------------------------------------------------
+
+def test_model_file_whose_metadata_disagrees_with_its_module_is_refused(tmp_path):
+    """A file whose metadata says cutoff 5.0 Å around a module built for 4.0 Å was used with 5.0 Å
+    pairs (wrong energies)."""
+    import json
+    import torch
+    from conftest import make_model
+    from mlmd import keys
+    from mlmd.errors import ModelFileError
+    from mlmd.potential import export, load_module
+
+    path = export(make_model(committee=2), tmp_path / "m.pt", {"model_family": "ponita"}, dtype="float64")
+    module, meta = load_module(path)
+    for key, value in ((keys.META_CUTOFF, 5.0), (keys.META_SPECIES, [1, 6, 7]), (keys.META_COMMITTEE, 4)):
+        edited = dict(meta, **{key: value})
+        torch.jit.save(module, str(tmp_path / "edited.pt"),
+                       _extra_files={keys.METADATA_FILE: json.dumps(edited)})
+        with pytest.raises(ModelFileError, match=f"metadata says {key} = .* but the module was built with"):
+            load_module(tmp_path / "edited.pt")
+
+
+def test_config_values_are_checked_by_type_before_anything_runs(cu, tmp_path):
+    """Quoted booleans were truthy, `lr: 1e-3` (text in YAML 1.1) was a TypeError in the first
+    retraining, a negative oracle timeout failed after MD had started, workers: 0 hung."""
+    from mlmd.active.learn import LearnConfig
+
+    with pytest.raises(InputError, match=r"remove_com: must be true or false, got 'false'.*without quotes"):
+        RunConfig.from_file(cu(remove_com="false"))
+    with pytest.raises(InputError, match=r"plot: must be true or false, got 'no'"):
+        RunConfig.from_file(cu(plot="no"))
+    with pytest.raises(InputError, match=r"timestep: must be a number, got '2e0'.*1\.0e-3"):
+        RunConfig.from_file(cu(timestep="2e0"))
+    with pytest.raises(InputError, match=r"fixed: must be a list of"):
+        RunConfig.from_file(cu(fixed=[0, "1"]))
+    cases = [({"finetune": {"epochs": 2, "lr": "1e-3"}}, r"finetune\.lr: must be a number, got '1e-3'"),
+             ({"final_finetune": {"epochs": "10"}}, r"final_finetune\.epochs: must be a whole number"),
+             ({"oracle_timeout": -1}, r"oracle_timeout: must be a positive number of seconds"),
+             ({"workers": 0, "dask": "local"}, r"workers: must be a whole number >= 1"),
+             ({"rollback": "no"}, r"rollback: must be true or false"),
+             ({"dask": "lokal"}, r"dask: expected none, local or a scheduler address"),
+             ({"oracle": {"openmm": {"topology": "x.pdb", "forcefeild": ["amber14/tip3pfb.xml"]}}},
+              r"oracle\.openmm: unknown key\(s\) \['forcefeild'\]")]
+    for change, message in cases:
+        with pytest.raises(InputError, match=message):
+            LearnConfig.from_file(_copper_learn(tmp_path, **change))
+    assert not (tmp_path / "out").exists()
+
+
+def test_learn_state_is_relative_to_its_folder_and_a_fresh_run_never_resumes_old_state(tmp_path):
+    """state.json held paths relative to the working directory (a moved run folder could not
+    restart); a fresh `mlmd learn` into a folder holding an old active/ silently resumed it."""
+    import json
+    import shutil
+    from mlmd.active.hooks import RetrainingHook
+    from conftest import ROOT
+
+    copper = os.path.join(ROOT, "systems", "copper")
+    hook = RetrainingHook(os.path.join(copper, "copper_committee.pt"), "emt", str(tmp_path / "run" / "active"),
+                          train_data=os.path.join(copper, "data.extxyz"))
+    hook.state.update(generation=1, model=hook._stored(str(tmp_path / "run" / "active" / "models" / "g1.pt")))
+    shutil.copy(os.path.join(copper, "copper_committee.pt"), tmp_path / "run" / "active" / "models" / "g1.pt")
+    hook._save_state()
+    state = json.loads((tmp_path / "run" / "active" / "state.json").read_text())
+    assert state["model"] == os.path.join("models", "g1.pt")
+    shutil.move(str(tmp_path / "run"), str(tmp_path / "moved"))
+    again = RetrainingHook(os.path.join(copper, "copper_committee.pt"), "emt", str(tmp_path / "moved" / "active"))
+    assert os.path.samefile(again.potential.path, tmp_path / "moved" / "active" / "models" / "g1.pt")
+
+    config = _copper_learn(tmp_path, output=str(tmp_path / "moved"), steps=20)
+    assert main(["learn", config, "--no-progress"]) == 2           # refused: active/ of another run
+    assert json.loads((tmp_path / "moved" / "active" / "state.json").read_text())["generation"] == 1
+    assert not (tmp_path / "moved" / "log.csv").exists()
+
+
+def test_import_mace_refuses_files_that_are_not_mace_models_before_unpickling(tmp_path):
+    """A pickle that would run a shell command, a non-zip file and a torch.save of something
+    else are refused without being unpickled; a real MACE .model file passes the check."""
+    pytest.importorskip("mace")
+    import pickle
+    import torch
+    from mlmd.plugins.mace import check_mace_file, load_mace_model
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save(Payload(), tmp_path / "evil.model")
+    (tmp_path / "plain.model").write_bytes(pickle.dumps({"a": 1}))
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "dict.model")
+    for name, message in (("evil.model", r"refers to \['(posix|os)\.system'\]"), ("plain.model", "not a torch.save archive"),
+                          ("dict.model", "holds no MACE model class")):
+        with pytest.raises(InputError, match=message):
+            load_mace_model(tmp_path / name)
+    assert not marker.exists()
+    assert main(["import-mace", str(tmp_path / "evil.model"), "--out", str(tmp_path / "x.pt")]) == 2
+    assert not marker.exists()
+    from test_mace_plugin import small_mace
+    torch.save(small_mace(0), tmp_path / "real.model")
+    check_mace_file(str(tmp_path / "real.model"))
+
+
+def test_import_mace_help_says_it_unpickles():
+    import subprocess as sp
+    out = sp.run(MLMD + ["import-mace", "--help"], capture_output=True, text=True).stdout
+    assert "unpickl" in out.lower() and "trust" in out
+    from conftest import ROOT
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "unpickles the `.model` files" in readme and "A System XML holding a PythonForce is code" in readme

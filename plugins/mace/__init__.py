@@ -29,6 +29,7 @@ from typing import Dict, List, Sequence
 import torch
 from torch import Tensor, nn
 
+from ...errors import InputError
 from ...models.forces import edge_forces
 
 MODEL_FAMILY = "mace"
@@ -105,13 +106,73 @@ class MaceCommittee(nn.Module):
         return edge_forces(atom_energy, vectors, edge_index, n_atoms, compute_virial, create_graph)
 
 
+# What a torch.save of a MACE model refers to.  Anything else (os, subprocess, builtins.eval,
+# another package) is refused before the file is unpickled.
+_ALLOWED_MODULES = ("mace.", "e3nn.", "torch.", "torch", "collections", "numpy.", "numpy", "opt_einsum.",
+                    "copyreg", "_codecs")
+_ALLOWED_BUILTINS = ("set", "frozenset", "slice", "complex", "range", "bytearray")
+
+
+def pickle_globals(path: str) -> list:
+    """The (module, name) pairs the pickle inside the ``torch.save`` archive ``path`` would import,
+    read from its opcodes without unpickling anything."""
+    import pickletools
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise InputError(f"models: {path} is not a torch.save archive (zip), which mace_run_train writes; "
+                         "refused without unpickling it")
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+        if len(names) != 1:
+            raise InputError(f"models: {path} is a zip archive without one data.pkl, not a torch.save file; "
+                             "refused without unpickling it")
+        data = archive.read(names[0])
+    found, strings, memo = [], [], {}
+    for opcode, arg, _ in pickletools.genops(data):
+        name = opcode.name
+        if name == "GLOBAL":
+            module, _, attribute = str(arg).partition(" ")
+            found.append((module, attribute))
+        elif name == "STACK_GLOBAL":
+            found.append((strings[-2], strings[-1]) if len(strings) >= 2 else ("?", "?"))
+        elif "UNICODE" in name or name in ("STRING", "BINSTRING", "SHORT_BINSTRING"):
+            strings.append(str(arg))
+        elif name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT") and strings:
+            memo[len(memo) if name == "MEMOIZE" else arg] = strings[-1]
+        elif name in ("GET", "BINGET", "LONG_BINGET") and arg in memo:
+            strings.append(memo[arg])
+    return found
+
+
+def check_mace_file(path: str) -> None:
+    """Refuse, before unpickling, a file that is not a MACE model or that imports anything a MACE
+    model does not.  This screens out other files and the obvious payloads; it does not make
+    unpickling safe (MACE's e3nn/torch.fx parts carry Python code that runs on load): import only
+    files you trust."""
+    found = pickle_globals(path)
+    outside = sorted({f"{m}.{n}" for m, n in found
+                      if not (m.startswith(_ALLOWED_MODULES) or (m in ("builtins", "__builtin__")
+                                                                 and n in _ALLOWED_BUILTINS))})
+    if outside:
+        raise InputError(f"models: {path} refers to {outside[:5]}, which no MACE model does; refused "
+                         "without unpickling it (unpickling runs what a file refers to)")
+    if not any(m.startswith("mace.modules") for m, _ in found):
+        raise InputError(f"models: {path} holds no MACE model class (mace.modules.*), it is not a "
+                         "mace_run_train .model file; refused without unpickling it")
+
+
 def load_mace_model(path: str | os.PathLike) -> nn.Module:
-    """A model written by ``mace_run_train`` (``torch.save`` of the module), on the CPU."""
+    """A model written by ``mace_run_train`` (``torch.save`` of the module), on the CPU.
+
+    MACE's format is a pickle, and unpickling runs code: :func:`check_mace_file` refuses files
+    that are not MACE models first, but only import files you trust."""
     _import_mace()
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(f"models: {path} does not exist (mace_run_train writes NAME.model "
                                 "in its working directory)")
+    check_mace_file(path)
     model = torch.load(path, map_location="cpu", weights_only=False)
     if not hasattr(model, "atomic_numbers") or not hasattr(model, "r_max"):
         raise ValueError(f"models: {path} is not a MACE energy model (no atomic_numbers / r_max)")
