@@ -741,3 +741,23 @@ def test_import_mace_help_says_it_unpickles():
     from conftest import ROOT
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert "unpickles the `.model` files" in readme and "A System XML holding a PythonForce is code" in readme
+
+
+def test_learn_restart_refuses_a_changed_model_file(tmp_path):
+    """`mlmd learn --restart` resumes with the generation file the checkpoint ran with (recorded
+    relative to the run folder, with its SHA-256): a file replaced since is refused."""
+    import shutil
+    from mlmd.active.learn import LearnConfig, LearningExtension
+    from mlmd.md.simulation import model_sha256
+    from conftest import ROOT
+
+    extension = LearningExtension(LearnConfig.from_file(_copper_learn(tmp_path)))
+    models = tmp_path / "out" / "active" / "models"
+    models.mkdir(parents=True)
+    shutil.copy(os.path.join(ROOT, "systems", "copper", "copper_committee.pt"), models / "generation_001.pt")
+    extra = {"model_in_use": os.path.join("active", "models", "generation_001.pt"),
+             "model_in_use_sha256": model_sha256(str(models / "generation_001.pt"))}
+    extension._check_model_in_use(extra)                       # unchanged: fine
+    shutil.copy(os.path.join(ROOT, "systems", "ethanol", "ethanol_committee.pt"), models / "generation_001.pt")
+    with pytest.raises(InputError, match=r"generation_001\.pt.*which has changed"):
+        extension._check_model_in_use(extra)
