@@ -66,7 +66,9 @@ def keep_freed_memory() -> bool:
     layer, several times over in the double backward). By default glibc serves each from a fresh
     mmap and unmaps it on free, so every step pays page faults on first touch: 25 % of a copper
     training's CPU time was system time. Blocks up to 32 MB from the heap and no trimming: 1.61 ->
-    1.33 s per copper step (one thread). Returns False where it does not apply (not glibc).
+    1.33 s per copper step (one thread); a committee call on 96 water atoms 220 -> 170 ms. Called by
+    ``load_module`` and ``mlmd train``; it is process-wide (freed memory stays with the process).
+    Returns False where it does not apply (not glibc).
     """
     global _ALLOCATOR_TUNED
     if _ALLOCATOR_TUNED:

@@ -325,23 +325,27 @@ class PonitaPotential(nn.Module):
         grid_harmonics = self.grid_harmonics_hi + self.grid_harmonics_lo
         grid_weights = self.grid_weights_hi + self.grid_weights_lo
         frequencies = self.bessel_frequencies_hi + self.bessel_frequencies_lo
-        vectors, neighbour, slots = self.pad_neighbours(edge_vectors, edge_index, n_atoms)   # [M,N*K,3]
-        r = torch.linalg.norm(vectors, dim=-1)                                        # [M,N*K]
-        harmonics = real_spherical_harmonics(vectors / r.unsqueeze(-1), self.degree)  # [M,N*K,S]
+        # everything per pair is computed on the E real pairs and only then laid out in K slots per
+        # atom (K = the largest neighbour count): padding is 36 % of the slots in liquid water
+        slot, neighbour, slots = self.neighbour_slots(edge_index, n_atoms)             # [E], [N*K], K
+        r = torch.linalg.norm(edge_vectors, dim=-1)                                   # [M,E]
+        harmonics = real_spherical_harmonics(edge_vectors / r.unsqueeze(-1), self.degree)   # [M,E,S]
+        harmonics = self.to_slots(harmonics, slot, n_atoms * slots)                   # [M,N*K,S]
         harmonics = harmonics.reshape(members, n_atoms, slots, -1).transpose(2, 3)    # [M,N,S,K]
-        bessel = torch.sin(r.unsqueeze(-1) * frequencies) / r.unsqueeze(-1)   # [M,N*K,B]
+        bessel = torch.sin(r.unsqueeze(-1) * frequencies) / r.unsqueeze(-1)           # [M,E,B]
         hidden = nn.functional.silu(self.radial_in(bessel))
         hidden = nn.functional.silu(self.radial_hidden(hidden))
         # radial_out is linear without bias: the envelope scales its input, 4x narrower than its
         # output; each layer multiplies its own block of radial_out's columns, so that no layer's
         # gradient is a zero-filled tensor of all layers' radial values (23 % of a copper step)
-        hidden = hidden * self.envelope(r).unsqueeze(-1)                               # [M,N*K,W]
+        hidden = hidden * self.envelope(r).unsqueeze(-1)                               # [M,E,W]
         radial_blocks = torch.split(self.radial_out.weight, n_degrees * c, dim=2)      # T x [M,W,(L+1)*C]
 
         h = torch.index_select(self.embedding, 1, species_index)                     # [M,N,C]
         atom_energy = torch.zeros((members, n_atoms), dtype=h.dtype, device=h.device)
         for index, layer in enumerate(self.layers):
-            radial = torch.bmm(hidden, radial_blocks[index]).reshape(members, n_atoms, slots, n_degrees, c)
+            radial = self.to_slots(torch.bmm(hidden, radial_blocks[index]), slot, n_atoms * slots)
+            radial = radial.reshape(members, n_atoms, slots, n_degrees, c)
             radial = radial.transpose(2, 3).contiguous()                               # [M,N,L+1,K,C]
             h = layer(h, radial, harmonics, neighbour, grid_harmonics, grid_weights,
                       self.inv_avg_neighbours)
@@ -353,27 +357,30 @@ class PonitaPotential(nn.Module):
         atom_energy = (atom_energy + out) * self.energy_scale
         return atom_energy + torch.index_select(self.energy_shift, 0, species_index).unsqueeze(0)
 
-    def pad_neighbours(self, edge_vectors: Tensor, edge_index: Tensor, n_atoms: int) -> Tuple[Tensor, Tensor, int]:
+    def neighbour_slots(self, edge_index: Tensor, n_atoms: int) -> Tuple[Tensor, Tensor, int]:
         """The pairs laid out as K slots per centre atom (K = the largest neighbour count), so
         that sums over neighbours are matmuls instead of scatters of [E, S, C] tensors.
 
-        edge_vectors [M,E,3] -> vectors [M,N*K,3] (an empty slot holds a vector beyond the
-        cutoff, where every kernel is zero), neighbour [N*K] (atom j of each slot, 0 if empty), K.
+        edge_index [2,E] -> slot [E] (pair e sits in slot slot[e] of the N*K), neighbour [N*K]
+        (atom j of each slot, 0 for an empty slot, whose kernels are zero), K.
         """
-        members = edge_vectors.shape[0]
         centre = edge_index[0]
         counts = torch.bincount(centre, minlength=n_atoms)
         slots = int(counts.max()) if centre.shape[0] > 0 else 1
         order = torch.argsort(centre, stable=True)
         starts = torch.cumsum(counts, 0) - counts
         sorted_centre = centre[order]
-        slot = sorted_centre * slots + torch.arange(centre.shape[0], device=centre.device) - starts[sorted_centre]
-        empty = torch.zeros((n_atoms * slots, 3), dtype=edge_vectors.dtype, device=edge_vectors.device)
-        empty[:, 0] = 2.0 * self.cutoff
-        vectors = empty.unsqueeze(0).repeat(members, 1, 1).index_copy(1, slot, edge_vectors[:, order])
+        sorted_slot = sorted_centre * slots + torch.arange(centre.shape[0], device=centre.device) - starts[sorted_centre]
+        slot = torch.empty_like(sorted_slot).index_copy(0, order, sorted_slot)
         neighbour = torch.zeros(n_atoms * slots, dtype=torch.long, device=centre.device).index_copy(
-            0, slot, edge_index[1][order])
-        return vectors, neighbour, slots
+            0, slot, edge_index[1])
+        return slot, neighbour, slots
+
+    def to_slots(self, per_pair: Tensor, slot: Tensor, n_slots: int) -> Tensor:
+        """[M,E,F] values of the pairs -> [M,N*K,F], zero in empty slots."""
+        padded = torch.zeros((per_pair.shape[0], n_slots, per_pair.shape[2]), dtype=per_pair.dtype,
+                             device=per_pair.device)
+        return padded.index_copy(1, slot, per_pair)
 
     @torch.jit.export
     def energy_and_forces(self, edge_vectors: Tensor, species_index: Tensor, edge_index: Tensor,
