@@ -282,14 +282,14 @@ def test_copper_committee_nve_with_pairs_crossing_the_cutoff():
         pair_sets.append(set(map(tuple, np.column_stack([edge_index.T, image]).tolist())))
 
     sim.attach(sample, 5)
-    sim.run(500)
+    sim.run(300)
     crossings = sum(len(a ^ b) for a, b in zip(pair_sets, pair_sets[1:])) // 2
     energy = np.array(energy)
     time_ps = np.arange(len(energy)) * 5 * 2.0e-3
     drift = np.polyfit(time_ps, energy, 1)[0] / len(atoms)
-    print(f"copper NVE 1 ps at 600 K: {crossings} pair crossings of rc = {cutoff} Å, conserved std "
+    print(f"copper NVE 0.6 ps at 600 K: {crossings} pair crossings of rc = {cutoff} Å, conserved std "
           f"{energy.std():.2e} eV, drift {drift:.2e} eV/atom/ps")
-    assert crossings > 20
+    assert crossings > 10
     assert energy.std() < 2e-3 and abs(drift) < 2e-4
 
 
