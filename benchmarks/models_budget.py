@@ -45,7 +45,7 @@ SYSTEMS: Dict[str, Dict] = {
 }
 MACE_ARGUMENTS = [  # mace-torch's README recipe (ScaleShiftMACE, AMSGrad lr 0.01, EMA 0.99), sized for a CPU
     "--model=ScaleShiftMACE", "--num_interactions=2", "--correlation=3", "--E0s=average",
-    "--loss=weighted", "--energy_weight=1.0", "--forces_weight=100.0", "--lr=0.01", "--amsgrad",
+    "--energy_weight=1.0", "--forces_weight=100.0", "--lr=0.01", "--amsgrad",
     "--ema", "--ema_decay=0.99", "--batch_size=10", "--valid_batch_size=20", "--default_dtype=float32",
     "--device=cpu", "--eval_interval=1", "--error_table=PerAtomMAE", "--save_cpu"]
 
@@ -63,7 +63,9 @@ def mace_command(system: str, paths: Dict[str, str], work: str, seed: int, epoch
     return ([os.path.join(BIN, "mace_run_train"), f"--name=mace_{seed}", f"--work_dir={work}", f"--seed={seed}",
              f"--train_file={paths['train']}", f"--valid_file={paths['val']}", f"--test_file={paths['test']}",
              "--energy_key=REF_energy", "--forces_key=REF_forces"]
-            + (["--stress_key=REF_stress"] if SYSTEMS[system].get("stress") else [])
+            # a stress label only enters MACE's loss with --loss=stress (MACE's default stress weight);
+            # the built-in side trains on the virial of these frames too
+            + (["--stress_key=REF_stress", "--loss=stress"] if SYSTEMS[system].get("stress") else ["--loss=weighted"])
             + MACE_ARGUMENTS
             + [f"--num_channels={channels}", f"--max_L={max_l}", f"--r_max={SYSTEMS[system]['cutoff']}",
                f"--max_num_epochs={epochs}", "--restart_latest"])
