@@ -83,6 +83,7 @@ def test_bring_your_own_model(tmp_path):
         assert energy_gap < 1e-9 and force_gap < 1e-9, host
 
 
+@pytest.mark.slow  # ~4 min; the loop itself (labels, swaps, kill/resume) is in test_active's default tests
 def test_on_the_fly_learning(tmp_path):
     """`mlmd learn` at 2000 K labels uncertain copper frames with EMT and swaps fine-tuned
     generations in; the final committee fits the labels better than the shipped one did (force
