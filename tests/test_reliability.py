@@ -286,7 +286,7 @@ def test_disk_full_says_what_is_intact_and_restarts_exactly(cu, tmp_path, capsys
     def free():
         monkeypatch.setattr(builtins, "open", quota.real_open)
 
-    _disk_full_then_restart(cu, tmp_path, capsys, fill, free)
+    assert _disk_full_then_restart(cu, tmp_path, capsys, fill, free) > 0   # asserts inside: log, frames equal
 
 
 def test_disk_full_on_a_real_tmpfs(cu, tmp_path, capsys):
@@ -297,9 +297,9 @@ def test_disk_full_on_a_real_tmpfs(cu, tmp_path, capsys):
                       capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        _disk_full_then_restart(
+        assert _disk_full_then_restart(                       # asserts inside: log, frames equal
             cu, tmp_path, capsys, lambda: disk / "out",
-            lambda: subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True))
+            lambda: subprocess.run(["mount", "-o", "remount,size=16m", str(disk)], check=True)) > 0
     finally:
         subprocess.run(["umount", str(disk)])
 
