@@ -53,17 +53,12 @@ def test_shipped_copper_files_give_emts_lattice_constant_and_pressure(filename):
     stress term, relaxed to 3.665 Å against EMT's 3.590 and read -6 GPa there)."""
     from ase.build import bulk
     from ase.calculators.emt import EMT
-    from ase.filters import FrechetCellFilter
-    from ase.optimize import BFGS
     from ase.units import GPa
 
     from mlmd.plugins.ase import MLMDCalculator
+    from test_tutorials import load_tutorial
 
-    def relaxed_lattice_constant(calculator):
-        atoms = bulk("Cu", "fcc", a=3.65, cubic=True)
-        atoms.calc = calculator
-        BFGS(FrechetCellFilter(atoms), logfile=None).run(fmax=1e-4, steps=200)
-        return float((4.0 * atoms.get_volume() / len(atoms)) ** (1.0 / 3.0))
+    relaxed_lattice_constant = load_tutorial("ase_relaxation.py").relax_cell   # FrechetCellFilter + BFGS
 
     calculator = MLMDCalculator(os.path.join(ROOT, "systems", "copper", filename))
     a_emt = relaxed_lattice_constant(EMT())

@@ -29,7 +29,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def molecules(atoms) -> np.ndarray:
-    """[n_molecules, 3] atom indices (O, H, H) from the PDB's residue order (O H H per water)."""
+    """[n_molecules, 3] atom indices (O, H, H), the frames' order: O H H per water."""
     numbers = atoms.numbers
     oxygens = np.flatnonzero(numbers == 8)
     triples = np.stack([oxygens, oxygens + 1, oxygens + 2], axis=1)
@@ -39,9 +39,10 @@ def molecules(atoms) -> np.ndarray:
 
 
 def minimum_image(vectors: np.ndarray, cell: np.ndarray) -> np.ndarray:
-    """vectors [..., 3] Å folded into the orthorhombic ``cell`` [3,3] Å."""
-    lengths = np.diag(cell)
-    return vectors - lengths * np.round(vectors / lengths)
+    """vectors [..., 3] Å as their minimum images in the periodic ``cell`` [3,3] Å (ASE's find_mic)."""
+    from ase.geometry import find_mic
+
+    return find_mic(vectors.reshape(-1, 3), cell, pbc=True)[0].reshape(vectors.shape)
 
 
 def geometry(positions: np.ndarray, cell: np.ndarray, triples: np.ndarray):
