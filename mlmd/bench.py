@@ -316,7 +316,7 @@ def _openmm_temperature(context, n_atoms: int) -> float:
 
 
 def bench_openmm(systems=OPENMM_SYSTEMS, steps: int = 100, rounds: int = 7,
-                 sizes=(300, 3000, 30000)) -> Dict:
+                 sizes=(300, 3000, 30000), compiled: bool = True) -> Dict:
     """OpenMM (CPU platform, Verlet 0.5 fs, 300 K) step time on the TorchForce and PythonForce
     paths vs the bare model call on the same molecule, and the TorchForce module's
     in-TorchScript pair search vs the Numba list at ``sizes`` atoms (random atoms at
@@ -324,8 +324,9 @@ def bench_openmm(systems=OPENMM_SYSTEMS, steps: int = 100, rounds: int = 7,
 
     ``systems``: (name, model file, structure file) with paths relative to the repository.
     The bare call is the model module with its pairs built once, called from Python.  Every
-    runner is warmed up (TorchScript's profiling executor optimises after a few calls) and the
-    rounds are interleaved; the table gives the median round (and the fastest).  The MD must
+    runner is warmed up (TorchScript's executor optimises after a few calls) and the
+    rounds are interleaved; with ``compiled``, the bare call and the PythonForce path also run the
+    compiled form (:mod:`mlmd.compiled`; the TorchForce path is TorchScript by nature); the table gives the median round (and the fastest).  The MD must
     stay physical: a run whose temperature leaves 30-1500 K is reported as an error, because an
     exploded molecule has no pairs and times as a fast model.
     """
@@ -351,6 +352,12 @@ def bench_openmm(systems=OPENMM_SYSTEMS, steps: int = 100, rounds: int = 7,
         runners = {"bare call": lambda n, args=args, module=potential.module: [module(*args) for _ in range(n)]}
         for path in ("torch", "python"):
             runners[f"{path} path"] = _openmm_stepper(potential, atoms, 0.5, path)
+        if compiled:
+            fast = load(os.path.join(_ROOT, model_file), compiled=True)
+            if fast.is_compiled:
+                runners["bare call, compiled"] = lambda n, args=args, module=fast.module: [module(*args)
+                                                                                            for _ in range(n)]
+                runners["python path, compiled"] = _openmm_stepper(fast, atoms, 0.5, "python")
         for run_steps in runners.values():
             run_steps(20)
         samples = {runner: [] for runner in runners}

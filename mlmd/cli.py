@@ -100,7 +100,7 @@ def _cmd_import_mace(args) -> int:
 def _cmd_run(args) -> int:
     from .md.run import RunConfig, run
 
-    overrides = {"steps": args.steps, "output": args.out, "threads": args.threads}
+    overrides = {"steps": args.steps, "output": args.out, "threads": args.threads, "compiled": args.compiled}
     config = RunConfig.from_file(args.config, overrides)
     summary = run(config, restart=args.restart, progress=not args.no_progress,
                   allow_model_change=args.allow_model_change)
@@ -129,7 +129,11 @@ def _print_run_summary(config, summary) -> int:
     if "drift_eV_per_atom_per_ps" in summary:
         lines.append(f"  conserved-energy drift {summary['drift_eV_per_atom_per_ps']:.3g} eV/atom/ps")
     if summary.get("ns_per_day"):
-        lines.append(f"  {summary['ns_per_day']:.3g} ns/day, {summary['neighbor_builds']} neighbour-list builds")
+        form = summary.get("model_form", "")
+        if "compile_s" in summary:
+            form += f", compiled and checked at start in {summary['compile_s']:.0f} s"
+        lines.append(f"  {summary['ns_per_day']:.3g} ns/day ({form} model), {summary['neighbor_builds']} "
+                     "neighbour-list builds")
     if "max_uncertainty_eV_per_A" in summary:
         lines.append(f"  max committee force σ {summary['max_uncertainty_eV_per_A']:.3g} eV/Å")
     if summary.get("plot"):
@@ -166,6 +170,11 @@ def _cmd_bench(args) -> int:
         return models_budget.main(["--budget-minutes", f"{args.budget_minutes:g}",
                                    "--out", args.out or os.path.join("runs", "bench_models"),
                                    "--systems", *(args.systems or list(models_budget.SYSTEMS))])
+    elif args.name == "latency":
+        latency = _load_benchmark("latency")
+        latency.main(["--threads", str(args.threads or 1)] + (["--sizes", *map(str, args.sizes)] if args.sizes else []))
+    elif args.name == "warmup":
+        _load_benchmark("executor_warmup").main([])
     elif args.name == "active":
         from .active.bench import bench_active
         bench_active(out=args.out or os.path.join("runs", "bench_active"), steps=args.steps or 6000,
@@ -284,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "written with another one (refused otherwise: the energy jumps)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (overrides the config; default one per 256 atoms)")
+    p.add_argument("--compiled", action="store_true", default=None,
+                   help="run the compiled form of the model (sets the config's compiled: true; compiles at start)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_run)
 
@@ -298,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_learn)
 
     p = sub.add_parser("bench", help="side-by-side benchmarks (ratios printed)")
-    p.add_argument("name", choices=["all", "committee", "neighbors", "md", "openmm", "models", "active", "stability"],
+    p.add_argument("name", choices=["all", "committee", "neighbors", "md", "openmm", "models", "active", "stability",
+                                    "latency", "warmup"],
                    help="all: every benchmark below, one after the other, written into BENCHMARKS.md; "
                         "committee: M members vs one; neighbors: our list vs vesin/matscipy/ASE and "
                         "the Verlet skin; md: engine overhead vs ASE and OpenMM; openmm: TorchForce "
@@ -306,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "on the same frames for the same wall time (ethanol, aspirin, copper; force MAE, rotation "
                         "error, MD ms/step); active: labels the uncertainty loop needs "
                         "vs random frames (ethanol, GFN2-xTB, 600 K); stability: time to a broken bond at 500 K with the "
-                        "loop off vs on")
+                        "loop off vs on; latency: per-call ms of TorchScript vs the compiled form at 9 to 10,000 atoms "
+                        "with GFLOP/s vs the measured peak; warmup: MD ms/step on a fresh module vs one that "
+                        "evaluated 100 frames of other sizes")
     p.add_argument("--model", default=os.path.join(_ROOT, "systems", "ethanol", "ethanol_committee.pt"),
                    help="committee, md: model file whose hyper-parameters, dtype and example frame are "
                         "used (openmm always runs the shipped ethanol and alanine dipeptide systems)")

@@ -49,6 +49,7 @@ class RunConfig:
     remove_com: bool = True
     dtype: Optional[str] = None         # float32 | float64 (default: the model file's)
     device: str = "cpu"
+    compiled: bool = False              # run the compiled form of the model (mlmd.compiled; compiles at start)
     threads: Optional[int] = None      # torch CPU threads (None: one per 256 atoms, mlmd.threads)
     output: str = "runs/md"
     trajectory: Optional[str] = None    # trajectory.dcd with OpenMM installed, else .extxyz
@@ -301,11 +302,14 @@ def _run_locked(config: RunConfig, restart: bool, progress: bool, extension, all
     out = config.output
     checkpoint = os.path.join(out, "checkpoint.npz")
     note["learning"] = extension is not None
+    if config.compiled:
+        print("mlmd run: compiling the model (once per process: ~1-2 min on a 2-core CPU the first time on a "
+              "machine, ~30 s from TorchInductor's cache)", flush=True)
     sim = Simulation(config.structure, config.model, integrator=config.integrator, timestep=config.timestep,
                      temperature=config.temperature, friction=config.friction, tau=config.tau,
                      seed=config.seed, skin=config.skin, fixed=config.fixed or None,
                      remove_com=config.remove_com, dtype=config.dtype, device=config.device,
-                     threads=config.threads, min_distance=config.min_distance)
+                     threads=config.threads, min_distance=config.min_distance, compiled=config.compiled)
     log = CSVLog(os.path.join(out, "log.csv"), committee=sim.potential.committee_size > 1)
     trajectory = TrajectoryReporter(config.trajectory_path(), sim.atoms, config.timestep,
                                     config.trajectory_interval)
@@ -387,7 +391,11 @@ def summarize(log_path: str, sim) -> Dict[str, Any]:
         "conserved_fluctuation_eV": float(np.std(conserved)),
         "neighbor_builds": int(sim.neighbor_builds),
         "wall_s": sim.wall_time,
+        "model_form": "compiled" if sim.potential.is_compiled else "TorchScript",
     }
+    report = getattr(sim.potential.module, "compile_report", None)
+    if report:
+        summary["compile_s"] = float(report["compile_seconds"])
     if len(t) > 2 and t[-1] > t[0]:
         slope = np.polyfit(t, conserved, 1)[0]
         summary["drift_eV_per_atom_per_ps"] = float(slope / n_atoms)

@@ -112,6 +112,8 @@ class Simulation:
                  radii (H–H 0.31 Å, C–H 0.54 Å); a length in Å for every pair; 0, no check.
                  Non-finite energies or forces always stop it, atoms without a neighbour are
                  warned about (:mod:`mlmd.guard`)
+    compiled     run the compiled form of a model file path (:mod:`mlmd.compiled`: compiles at
+                 start, then faster steps; TorchScript with a warning where it cannot be built)
     """
 
     def __init__(self, atoms, model: Union[str, os.PathLike, Potential], integrator: str = "verlet",
@@ -119,7 +121,7 @@ class Simulation:
                  tau: float = 100.0, seed: Optional[int] = None, skin: float = 1.0,
                  fixed: Optional[Sequence] = None, remove_com: bool = True, dtype: Optional[str] = None,
                  device: Optional[str] = None, threads: Optional[int] = None,
-                 min_distance: Optional[float] = MIN_DISTANCE):
+                 min_distance: Optional[float] = MIN_DISTANCE, compiled: bool = False):
         if isinstance(atoms, (str, os.PathLike)):
             from .io import read_structure
             atoms = read_structure(atoms)
@@ -130,7 +132,7 @@ class Simulation:
         from ..threads import apply_threads, check_threads
 
         check_threads(threads)
-        potential = as_potential(model, device, dtype)
+        potential = as_potential(model, device, dtype, compiled=compiled)
         if not isinstance(skin, (int, float)) or skin < 0:
             raise InputError(f"skin: must be a length >= 0 Å, got {skin!r}")
         self.atoms = atoms.copy()
@@ -224,7 +226,8 @@ class Simulation:
         The new model computes in ``dtype``, by default the one this Simulation was asked for
         (a float64 run stays float64 when a float32 file is swapped in), else the file's own.
         """
-        potential = as_potential(model, self.potential.device, dtype or self.potential.dtype_override)
+        potential = as_potential(model, self.potential.device, dtype or self.potential.dtype_override,
+                                 compiled=self.potential.compiled)
         previous = self.forces.neighbors
         min_distance = self.forces.guard.min_distance
         self.potential = potential

@@ -169,7 +169,8 @@ class MLMDComputation:
                 "model_sha256": _sha256(self.potential.path), "device": self.potential.device,
                 "dtype": self.potential.metadata[keys.META_DTYPE], "numbers": self.numbers,
                 "periodic": self.periodic, "skin": self.skin, "particles": self.particles,
-                "n_particles": self.n_particles, "min_distance": self.min_distance}
+                "n_particles": self.n_particles, "min_distance": self.min_distance,
+                "compiled": bool(self.potential.compiled)}
 
     def __setstate__(self, state):
         path = state.get("model_file", state.get("path"))
@@ -192,7 +193,7 @@ class MLMDComputation:
             self.numbers = np.asarray(state["numbers"], dtype=np.int64)
             return
         self._refused = None
-        self.potential = as_potential(path, state["device"], state["dtype"])
+        self.potential = as_potential(path, state["device"], state["dtype"], compiled=bool(state.get("compiled")))
         self.numbers = np.asarray(state["numbers"], dtype=np.int64)
         self.periodic = bool(state["periodic"])
         self.skin = float(state.get("skin", 0.0))
@@ -318,7 +319,7 @@ def remember_settings(force, potential, computation=None) -> None:
     """Record ``potential``'s device and dtype override for :func:`swap_model` to keep, and the
     PythonForce's computation (its last outputs) for :class:`UncertaintyReporter` to reuse."""
     FORCE_SETTINGS[int(force.this)] = {"device": potential.device, "dtype": potential.dtype_override,
-                                       "computation": computation}
+                                       "compiled": potential.compiled, "computation": computation}
 
 
 def _ml_region(potential, topology_or_numbers, atoms, periodic):

@@ -159,7 +159,8 @@ def swap_model(simulation, model, topology_or_numbers=None, atoms=None, path: st
     reinitialized with its state preserved.  ``atoms`` (the ML region) and ``path`` as for
     :func:`~mlmd.plugins.openmm.create_force`; the topology defaults to the simulation's.
     ``device``/``dtype``: those of the force being replaced unless given (a force built with
-    ``dtype="float64"`` keeps computing in float64 after a float32 file is swapped in).
+    ``dtype="float64"`` keeps computing in float64 after a float32 file is swapped in); a force
+    built from a compiled Potential gets the compiled form of a new model file too.
     """
     from . import FORCE_SETTINGS, create_force
     from mlmd.potential import as_potential
@@ -172,7 +173,8 @@ def swap_model(simulation, model, topology_or_numbers=None, atoms=None, path: st
     old = system.getForce(indices[0])
     group, periodic = old.getForceGroup(), old.usesPeriodicBoundaryConditions()
     previous = FORCE_SETTINGS.get(int(old.this), {})
-    potential = as_potential(model, device or previous.get("device"), dtype or previous.get("dtype"))
+    potential = as_potential(model, device or previous.get("device"), dtype or previous.get("dtype"),
+                             compiled=bool(previous.get("compiled")))
     force = create_force(potential, topology_or_numbers if topology_or_numbers is not None else simulation.topology,
                          atoms=atoms, periodic=periodic, path=path)
     force.setForceGroup(group)

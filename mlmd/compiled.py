@@ -1,0 +1,200 @@
+"""The compiled form of a model file: the eager model rebuilt from the file, its energy graph
+compiled by ``torch.compile`` (TorchInductor: fused C++/OpenMP kernels on the CPU, Triton on a
+GPU), behind :func:`mlmd.potential.load_module` (``compiled=True``).
+
+Why: a TorchScript call of the built-in committee on ethanol (9 atoms, 72 pairs) runs ~2,000
+small ops (forward and backward) of 5-15 µs each; the arithmetic is a few hundred µs. Inductor
+fuses the elementwise chains and the backward into a handful of kernels.
+
+What is compiled: :meth:`PonitaPotential.energy_in_slots` (edge vectors -> per-atom energies,
+no data-dependent shapes) with ``dynamic=True``, so one graph serves every atom and pair count;
+its backward (forces, virial) is compiled with it by AOTAutograd. The slot layout of the pairs
+(an argsort and a max) and the committee statistics run eagerly around it. The module that
+comes back has the TorchScript module's call signature and outputs, so every host (engine,
+ASE, OpenMM PythonForce) runs it unchanged.
+
+The compile runs once per process (2-3 min on 2 CPU cores the first time on a machine, ~20 s
+when Inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR`` or /tmp/torchinductor_$USER, already
+holds it); :func:`compile_module` does it at load, on a small frame, and checks the compiled
+numbers against the TorchScript module there. Whenever it cannot (no C++ compiler, a model
+family without an eager builder such as the MACE import, a compiler error, numbers that
+disagree), the TorchScript module is used and a warning says why.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import keys
+
+#: relative agreement asked of compiled vs TorchScript forces on the load-time check frame
+#: (float32 kernels reassociate sums: ~1e-6 relative measured; float64 ~1e-13)
+CHECK_TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-9}
+
+
+class CompileUnavailable(RuntimeError):
+    """The compiled form cannot be built here; the message says why (the TorchScript form is used)."""
+
+
+def eager_module(scripted, meta: Dict[str, Any]) -> nn.Module:
+    """The model file's :class:`~mlmd.potential.PotentialModule` as a plain (eager) module with the
+    same weights and settings, for the model families whose class mlmd has."""
+    from .models.ponita import PonitaPotential
+    from .potential import PotentialModule
+
+    family = meta.get(keys.META_FAMILY)
+    if family != "ponita":
+        raise CompileUnavailable(f"model family {family!r} has no eager builder in mlmd (only the built-in "
+                                 "'ponita' files are rebuilt and compiled; the file keeps running as TorchScript)")
+    core_scripted = scripted.model
+    # the architecture from the scripted module itself (metadata may hold only some of it)
+    hyperparameters = {"cutoff": float(core_scripted.cutoff), "channels": int(core_scripted.channels),
+                       "layers": int(core_scripted.n_layers), "degree": int(core_scripted.degree),
+                       "correlation": int(core_scripted.correlation),
+                       "radial_basis": int(core_scripted.radial_basis),
+                       "radial_width": int(core_scripted.radial_in.n_out),
+                       "envelope_exponent": int(core_scripted.envelope_exponent)}
+    core = PonitaPotential([int(z) for z in meta[keys.META_SPECIES]], int(meta[keys.META_COMMITTEE]),
+                           hyperparameters=hyperparameters)
+    # the scalars the file was trained with (set by training from its data statistics)
+    core.energy_scale = float(core_scripted.energy_scale)
+    core.inv_avg_neighbours = float(core_scripted.inv_avg_neighbours)
+    module = PotentialModule(core, [int(z) for z in meta[keys.META_SPECIES]], float(scripted.calibration_factor),
+                             bool(scripted.supports_stress))
+    state = scripted.state_dict()
+    module = module.to(device=state["dtype_probe"].device, dtype=state["dtype_probe"].dtype)
+    module.load_state_dict(state, strict=True)
+    module.calibration_factor = float(scripted.calibration_factor)
+    # a compiled backward computes the gradient of every input that requires one: weights that
+    # do would add a weight-gradient matmul per layer to every force call
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def compiler_problem() -> Optional[str]:
+    """Why torch.compile cannot build CPU kernels here (None when it can)."""
+    try:
+        from torch._inductor import cpp_builder
+        compiler = cpp_builder.get_cpp_compiler()
+    except Exception as exc:   # torch raises RuntimeError with its own wording when none is found
+        return f"no C++ compiler for TorchInductor ({str(exc).strip().splitlines()[0] if str(exc).strip() else exc})"
+    if shutil.which(compiler) is None:
+        return f"no C++ compiler for TorchInductor ({compiler!r} not on PATH; install g++ or set CXX)"
+    return None
+
+
+def _compile_core(module: nn.Module) -> None:
+    """Route the eager core's forward through a compiled :meth:`energy_in_slots`."""
+    import torch.fx.experimental._config as fx_config
+
+    # duck shaping gives dims of equal size one symbol: a 32-atom check frame of a 32-channel
+    # model then compiled a backward with the atom count fixed at 32 in its strides (a crash
+    # at 9 atoms, measured); every atom and pair count must stay its own symbol
+    fx_config.use_duck_shape = False
+    core = module.model
+    for layer in core.layers:
+        layer.contract_by_sum = True
+    # Dynamo's guards on the module stay on: every model shares the code of energy_in_slots, and
+    # dropping them (skip_guard_on_all_nn_modules_unsafe, ~0.05 ms a call) let a second model in
+    # the same process run the first one's graph (caught by the check below, measured)
+    compiled_energy = torch.compile(core.energy_in_slots, dynamic=True, fullgraph=True)
+
+    def forward(edge_vectors, species_index, edge_index):
+        slot, neighbour, slots = core.neighbour_slots(edge_index, species_index.shape[0])
+        return compiled_energy(edge_vectors, species_index, slot, neighbour.reshape(-1, slots))
+
+    core.forward = forward
+
+
+def check_frames(meta: Dict[str, Any]) -> List[Dict[str, np.ndarray]]:
+    """Two frames of different sizes to compile on and to compare the two forms: the file's
+    example frame (or 7 atoms of its species on a jittered line 1.2 Å apart), then its first
+    atoms, without periodic boundaries (at least 3, never the same count)."""
+    example = meta.get(keys.META_EXAMPLE)
+    if example and len(example.get("numbers", ())) >= 4:
+        frame = {"positions": np.asarray(example["positions"], dtype=np.float64),
+                 "numbers": np.asarray(example["numbers"], dtype=np.int64),
+                 "cell": np.asarray(example["cell"], dtype=np.float64),
+                 "pbc": np.asarray(example["pbc"], dtype=bool)}
+    else:
+        species = [int(z) for z in meta[keys.META_SPECIES]]
+        n_atoms = 7
+        positions = np.zeros((n_atoms, 3))
+        positions[:, 0] = 1.2 * np.arange(n_atoms)
+        positions += np.random.default_rng(0).normal(0.0, 0.1, positions.shape)
+        frame = {"positions": positions, "numbers": np.array([species[i % len(species)] for i in range(n_atoms)]),
+                 "cell": np.zeros((3, 3)), "pbc": np.zeros(3, bool)}
+    n_part = max(3, len(frame["numbers"]) // 2 - 1)
+    part = {"positions": frame["positions"][:n_part].copy(), "numbers": frame["numbers"][:n_part].copy(),
+            "cell": np.zeros((3, 3)), "pbc": np.zeros(3, bool)}
+    return [frame, part]
+
+
+def _call(module, frame: Dict[str, np.ndarray], cutoff: float, device) -> Dict[str, torch.Tensor]:
+    from .neighbors import neighbor_pairs
+
+    edge_index, shifts = neighbor_pairs(frame["positions"], frame["cell"], frame["pbc"], cutoff)
+    return module(torch.as_tensor(frame["positions"], device=device),
+                  torch.as_tensor(frame["numbers"], device=device),
+                  torch.as_tensor(frame["cell"], device=device),
+                  torch.as_tensor(frame["pbc"], device=device),
+                  torch.as_tensor(edge_index, device=device),
+                  torch.as_tensor(shifts, device=device), True)
+
+
+def compile_module(scripted, meta: Dict[str, Any]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(compiled module, report) from a loaded TorchScript module and its metadata.
+
+    Compiles on a small frame at once (so no MD step pays it) and compares energy and forces with
+    ``scripted`` there. Raises :class:`CompileUnavailable` with the reason when it cannot.
+    """
+    dtype = scripted.dtype_probe.dtype
+    device = scripted.dtype_probe.device
+    if device.type == "cpu":
+        problem = compiler_problem()
+        if problem:
+            raise CompileUnavailable(problem)
+    module = eager_module(scripted, meta)
+    _compile_core(module)
+    cutoff = float(meta[keys.META_CUTOFF])
+    force_error = energy_error = 0.0
+    start = time.perf_counter()
+    # the frame, then its first atoms: a graph that only works at the size it was traced at
+    # (a wrongly specialised stride) fails here, at load, instead of in the middle of a run
+    for frame in check_frames(meta):
+        try:
+            got = _call(module, frame, cutoff, device)
+        except Exception as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CompileUnavailable(f"torch.compile failed ({type(exc).__name__}: {first})") from exc
+        want = _call(scripted, frame, cutoff, device)
+        scale = float(want[keys.FORCES].abs().max()) + 1e-12
+        force_error = max(force_error, float((got[keys.FORCES] - want[keys.FORCES]).abs().max()))
+        energy_error = max(energy_error, abs(float(got[keys.ENERGY]) - float(want[keys.ENERGY])))
+        tolerance = CHECK_TOLERANCE.get(dtype, 1e-4)
+        if not force_error <= tolerance * scale or \
+                not energy_error <= tolerance * max(1.0, abs(float(want[keys.ENERGY]))):
+            raise CompileUnavailable(f"the compiled module disagrees with the TorchScript one on a check frame of "
+                                     f"{len(frame['numbers'])} atoms (max |dF| {force_error:.2e} eV/Å, "
+                                     f"|dE| {energy_error:.2e} eV)")
+    seconds = time.perf_counter() - start
+    return module, {"compile_seconds": seconds, "check_force_error": force_error, "check_energy_error": energy_error}
+
+
+def compiled_or_scripted(scripted, meta: Dict[str, Any], path: str):
+    """The compiled module, or ``scripted`` with a warning that says why not."""
+    try:
+        module, report = compile_module(scripted, meta)
+    except CompileUnavailable as exc:
+        warnings.warn(f"model file {path!r}: running the TorchScript form, not a compiled one: {exc}",
+                      RuntimeWarning, stacklevel=3)
+        return scripted, None
+    module.compile_report = report
+    return module, report
+
