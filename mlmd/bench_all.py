@@ -28,6 +28,7 @@ BEGIN = "<!-- mlmd bench all: begin (generated; edit outside this block) -->"
 END = "<!-- mlmd bench all: end -->"
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _PROGRESS = re.compile(r"\d+%\|")          # a tqdm bar: "loop in engine:  92%|████ | 553/600 [...]"
+_GLOG = re.compile(r"^[WIE]\d{4} \d\d:\d\d:\d\d")   # torch's C++/compiler log lines: "W1207 23:31:02.222000 ..."
 
 
 def sections(out: str) -> List[Dict]:
@@ -81,7 +82,8 @@ def run_section(section: Dict, out: str) -> Dict:
 
 def _tail(text: str, lines: int) -> str:
     kept = [line.rstrip() for line in text.splitlines()
-            if line.strip() and "Warning" not in line and "warnings.warn" not in line and not _PROGRESS.search(line)]
+            if line.strip() and "Warning" not in line and "warnings.warn" not in line and not _PROGRESS.search(line)
+            and not _GLOG.match(line)]
     return "\n".join(kept[-lines:])
 
 

@@ -129,10 +129,10 @@ def _print_run_summary(config, summary) -> int:
     if "drift_eV_per_atom_per_ps" in summary:
         lines.append(f"  conserved-energy drift {summary['drift_eV_per_atom_per_ps']:.3g} eV/atom/ps")
     if summary.get("ns_per_day"):
-        form = summary.get("model_form", "")
+        form = f"{summary.get('model_form', 'TorchScript')} model"
         if "compile_s" in summary:
             form += f", compiled and checked at start in {summary['compile_s']:.0f} s"
-        lines.append(f"  {summary['ns_per_day']:.3g} ns/day ({form} model), {summary['neighbor_builds']} "
+        lines.append(f"  {summary['ns_per_day']:.3g} ns/day ({form}), {summary['neighbor_builds']} "
                      "neighbour-list builds")
     if "max_uncertainty_eV_per_A" in summary:
         lines.append(f"  max committee force σ {summary['max_uncertainty_eV_per_A']:.3g} eV/Å")

@@ -97,6 +97,13 @@ def _compile_core(module: nn.Module) -> None:
     # model then compiled a backward with the atom count fixed at 32 in its strides (a crash
     # at 9 atoms, measured); every atom and pair count must stay its own symbol
     fx_config.use_duck_shape = False
+    import torch._dynamo.config as dynamo_config
+
+    # every model (and each dtype of it) is one more compiled entry of the same code, energy_in_slots:
+    # past Dynamo's default 8 a ninth model failed to compile (a learning loop swaps in a new model
+    # per retraining), so allow many
+    dynamo_config.recompile_limit = max(int(dynamo_config.recompile_limit), 256)
+    dynamo_config.accumulated_recompile_limit = max(int(dynamo_config.accumulated_recompile_limit), 4096)
     core = module.model
     for layer in core.layers:
         layer.contract_by_sum = True

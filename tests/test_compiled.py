@@ -154,7 +154,9 @@ def test_missing_compiler_falls_back_with_a_reason(monkeypatch):
 def test_two_models_compiled_in_one_process_keep_their_own_graphs(forms, model_file):
     """Every model shares the code of energy_in_slots: a second model (other channels, float64)
     must get its own graph, not run the first one's. (Slow: a second compile, 90 s cold; were
-    it broken, the load-time check would fall back to TorchScript with a warning, not run wrong.)"""
+    it broken, the load-time check would fall back to TorchScript with a warning, not run wrong.)
+    Run after the float64 tests above it is also the ninth compiled entry of energy_in_slots,
+    one past Dynamo's default limit (red before mlmd.compiled raised it)."""
     import mlmd
 
     scripted = mlmd.load(model_file)
@@ -169,3 +171,4 @@ def test_two_models_compiled_in_one_process_keep_their_own_graphs(forms, model_f
     first_scripted, first_compiled = forms
     np.testing.assert_allclose(first_compiled.compute_atoms(atoms)["forces"],
                                first_scripted.compute_atoms(atoms)["forces"], rtol=0, atol=1e-5)
+
