@@ -112,9 +112,22 @@ def _compile_core(module: nn.Module) -> None:
     # the same process run the first one's graph (caught by the check below, measured)
     compiled_energy = torch.compile(core.energy_in_slots, dynamic=True, fullgraph=True)
 
+    # MD hosts pass the same pairs for many steps (a Verlet list is rebuilt every ~75 steps in the
+    # main job): the slot layout (argsort, bincount, scatter: 0.25 ms of a 7 ms ethanol call) is
+    # kept for pairs equal to the last ones; one tuple, replaced whole, so threads never mix them
+    last: List[Any] = [None]
+
     def forward(edge_vectors, species_index, edge_index):
-        slot, neighbour, slots = core.neighbour_slots(edge_index, species_index.shape[0])
-        return compiled_energy(edge_vectors, species_index, slot, neighbour.reshape(-1, slots))
+        n_atoms = species_index.shape[0]
+        entry = last[0]
+        if (entry is not None and entry[0] == n_atoms and entry[1].shape == edge_index.shape
+                and entry[1].device == edge_index.device and torch.equal(entry[1], edge_index)):
+            slot, neighbour = entry[2], entry[3]
+        else:
+            slot, neighbour, slots = core.neighbour_slots(edge_index, n_atoms)
+            neighbour = neighbour.reshape(-1, slots)
+            last[0] = (n_atoms, edge_index.clone(), slot, neighbour)
+        return compiled_energy(edge_vectors, species_index, slot, neighbour)
 
     core.forward = forward
 

@@ -172,3 +172,22 @@ def test_two_models_compiled_in_one_process_keep_their_own_graphs(forms, model_f
     np.testing.assert_allclose(first_compiled.compute_atoms(atoms)["forces"],
                                first_scripted.compute_atoms(atoms)["forces"], rtol=0, atol=1e-5)
 
+
+
+def test_compiled_form_follows_new_pairs_of_the_same_count(forms, frames):
+    """The slot layout is reused only for pairs equal to the last call's: the same number of pairs
+    in another order (as after a neighbour-list rebuild) gives TorchScript's forces again."""
+    from mlmd.neighbors import neighbor_pairs
+
+    scripted, compiled = forms
+    atoms = frames[4]
+    edge_index, shifts = neighbor_pairs(atoms.positions, np.zeros((3, 3)), np.zeros(3, bool), scripted.cutoff)
+    order = np.random.default_rng(1).permutation(edge_index.shape[1])
+    for pairs, pair_shifts in ((edge_index, shifts), (edge_index[:, order], shifts[order]), (edge_index, shifts)):
+        args = (atoms.positions, atoms.numbers, None, None, pairs, pair_shifts)
+        want = scripted.compute(*args)["forces"]
+        got = compiled.compute(*args)["forces"]
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+        # and the compiled call really saw these pairs: the per-atom energies follow the order of atoms
+        np.testing.assert_allclose(compiled.compute(*args)["energies"], scripted.compute(*args)["energies"],
+                                   rtol=0, atol=1e-5)
