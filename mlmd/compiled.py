@@ -13,9 +13,9 @@ its backward (forces, virial) is compiled with it by AOTAutograd. The slot layou
 comes back has the TorchScript module's call signature and outputs, so every host (engine,
 ASE, OpenMM PythonForce) runs it unchanged.
 
-The compile runs once per process (2-3 min on 2 CPU cores the first time on a machine, ~20 s
+The compile runs once per process (~1.5 min on 2 CPU cores the first time on a machine, ~30 s
 when Inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR`` or /tmp/torchinductor_$USER, already
-holds it); :func:`compile_module` does it at load, on a small frame, and checks the compiled
+holds it; 5-6 s for another model in the same process); :func:`compile_module` does it at load, on a small frame, and checks the compiled
 numbers against the TorchScript module there. Whenever it cannot (no C++ compiler, a model
 family without an eager builder such as the MACE import, a compiler error, numbers that
 disagree), the TorchScript module is used and a warning says why.
@@ -72,7 +72,9 @@ def eager_module(scripted, meta: Dict[str, Any]) -> nn.Module:
     module.load_state_dict(state, strict=True)
     module.calibration_factor = float(scripted.calibration_factor)
     # a compiled backward computes the gradient of every input that requires one: weights that
-    # do would add a weight-gradient matmul per layer to every force call
+    # did added a weight-gradient matmul per layer to every force call, and one of the tensors
+    # saved for them came out of Inductor with the first call's atom count in its stride (an
+    # assert_size_stride crash at the next size, measured)
     module.requires_grad_(False)
     return module.eval()
 
@@ -93,9 +95,8 @@ def _compile_core(module: nn.Module) -> None:
     """Route the eager core's forward through a compiled :meth:`energy_in_slots`."""
     import torch.fx.experimental._config as fx_config
 
-    # duck shaping gives dims of equal size one symbol: a 32-atom check frame of a 32-channel
-    # model then compiled a backward with the atom count fixed at 32 in its strides (a crash
-    # at 9 atoms, measured); every atom and pair count must stay its own symbol
+    # duck shaping gives dims of equal size one symbol, so a 32-atom check frame would tie the
+    # atom count to a 32-channel model's width; every atom and pair count stays its own symbol
     fx_config.use_duck_shape = False
     import torch._dynamo.config as dynamo_config
 
