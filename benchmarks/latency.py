@@ -130,7 +130,6 @@ def main(argv=None) -> None:
           f"torch {torch.__version__})", flush=True)
     cases = [(name, path, [(f"Cu{n}", copper_structure(n)) for n in args.sizes])
              for name, path in COPPER.items() if not (args.skip_mace and "MACE" in name)]
-    import ase.io
     from mlmd.md.io import read_structure
 
     cases += [(name, path, [(os.path.basename(structure).split(".")[0], read_structure(structure))])

@@ -324,9 +324,10 @@ def bench_openmm(systems=OPENMM_SYSTEMS, steps: int = 100, rounds: int = 7,
 
     ``systems``: (name, model file, structure file) with paths relative to the repository.
     The bare call is the model module with its pairs built once, called from Python.  Every
-    runner is warmed up (TorchScript's executor optimises after a few calls) and the
-    rounds are interleaved; with ``compiled``, the bare call and the PythonForce path also run the
-    compiled form (:mod:`mlmd.compiled`; the TorchForce path is TorchScript by nature); the table gives the median round (and the fastest).  The MD must
+    runner is warmed up (TorchScript's executor optimises after a few calls) and the rounds
+    are interleaved; the table gives the median round (and the fastest). With ``compiled``, the
+    bare call and the PythonForce path also run the compiled form (:mod:`mlmd.compiled`; the
+    TorchForce path is TorchScript by nature).  The MD must
     stay physical: a run whose temperature leaves 30-1500 K is reported as an error, because an
     exploded molecule has no pairs and times as a fast model.
     """

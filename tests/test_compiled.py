@@ -51,9 +51,9 @@ def test_compiled_form_handles_other_sizes(forms, frames):
     periodic.cell = np.eye(3) * 6.0
     periodic.pbc = True
     periodic.center()
-    for case in (atoms[:5], atoms[[0, 1, 3]], periodic, atoms.repeat((1, 1, 1)) + atoms.copy()):
-        if case is not periodic and len(case) == 18:
-            case.positions[9:] += np.array([7.0, 0.0, 0.0])     # two molecules 7 Å apart
+    apart = atoms.copy()
+    apart.positions += np.array([7.0, 0.0, 0.0])
+    for case in (atoms[:5], atoms[[0, 1, 3]], periodic, atoms + apart):      # the last: two molecules 7 Å apart
         want = scripted.compute_atoms(case)
         got = compiled.compute_atoms(case)
         np.testing.assert_allclose(got["forces"], want["forces"], rtol=0, atol=1e-5)

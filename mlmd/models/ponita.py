@@ -221,7 +221,7 @@ class SphereLayer(nn.Module):
         for l, mix in enumerate(self.mix):
             if self.contract_by_sum:
                 # the same sum as one fused loop (compiled form): a matmul batched over M*N atoms
-                # runs M*N tiny mm calls on the CPU, 40 % of a copper step in TorchScript
+                # runs M*N tiny mm calls on the CPU (about a third of a copper call in TorchScript)
                 coefficients = (per_degree[l].unsqueeze(-1) * weighted_per_degree[l].unsqueeze(2)).sum(3)
             else:
                 coefficients = torch.matmul(per_degree[l], weighted_per_degree[l])
