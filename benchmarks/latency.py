@@ -15,7 +15,7 @@ machine's peak measured here by one 2048^3 matmul in the model's dtype on the sa
 The compiled form is built once per model (dynamic shapes: one graph for every size); its
 compile time is printed. Runs on one thread unless --threads says otherwise.
 
-Run: .venv/bin/python benchmarks/latency.py [--sizes 9 22 108 1000 10000] [--threads 1]
+Run: .venv/bin/python benchmarks/latency.py [--sizes 9 22 108 1000 10000] [--threads 1] [--models MACE]
      (or `mlmd bench latency`)
 """
 from __future__ import annotations
@@ -121,6 +121,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[9, 22, 108, 1000, 10000])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-mace", action="store_true")
+    parser.add_argument("--models", nargs="+", default=None, metavar="WORD",
+                        help="only the models whose name holds one of these words (e.g. MACE ethanol)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     import mlmd
@@ -134,6 +136,8 @@ def main(argv=None) -> None:
 
     cases += [(name, path, [(os.path.basename(structure).split(".")[0], read_structure(structure))])
               for name, path, structure in MOLECULES]
+    if args.models:
+        cases = [case for case in cases if any(word.lower() in case[0].lower() for word in args.models)]
     print("| model | system | atoms | pairs | TorchScript ms | compiled ms | speed-up | max dF eV/Å | "
           "matmul MFLOP/call | GFLOP/s TorchScript | GFLOP/s compiled | % of peak (compiled) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|", flush=True)

@@ -6,8 +6,10 @@ Why: a TorchScript call of the built-in committee on ethanol (9 atoms, 72 pairs)
 small ops (forward and backward) of 5-15 µs each; the arithmetic is a few hundred µs. Inductor
 fuses the elementwise chains and the backward into a handful of kernels.
 
-What is compiled: :meth:`PonitaPotential.energy_in_slots` (edge vectors -> per-atom energies,
-no data-dependent shapes) with ``dynamic=True``, so one graph serves every atom and pair count;
+What is compiled: for the built-in model, :meth:`PonitaPotential.energy_in_slots` (edge vectors ->
+per-atom energies, no data-dependent shapes); for a MACE import, each member's forward, rebuilt
+from the construction arguments the file keeps (``mlmd.plugins.mace.eager_committee``; needs
+mace-torch). Both with ``dynamic=True``, so one graph serves every atom and pair count;
 its backward (forces, virial) is compiled with it by AOTAutograd. The slot layout of the pairs
 (an argsort and a max) and the committee statistics run eagerly around it. The module that
 comes back has the TorchScript module's call signature and outputs, so every host (engine,
@@ -16,9 +18,10 @@ ASE, OpenMM PythonForce) runs it unchanged.
 The compile runs once per process (~1.5 min on 2 CPU cores the first time on a machine, ~30 s
 when Inductor's on-disk cache, ``TORCHINDUCTOR_CACHE_DIR`` or /tmp/torchinductor_$USER, already
 holds it; 5-6 s for another model in the same process); :func:`compile_module` does it at load, on a small frame, and checks the compiled
-numbers against the TorchScript module there. Whenever it cannot (no C++ compiler, a model
-family without an eager builder such as the MACE import, a compiler error, numbers that
-disagree), the TorchScript module is used and a warning says why.
+numbers against the TorchScript module there (a MACE import: ~3 min cold, ~40 s cached).
+Whenever it cannot (no C++ compiler, a model family without an eager builder such as Morse, a
+MACE import without construction arguments or without mace-torch, a compiler error, numbers
+that disagree), the TorchScript module is used and a warning says why.
 """
 from __future__ import annotations
 
@@ -42,16 +45,9 @@ class CompileUnavailable(RuntimeError):
     """The compiled form cannot be built here; the message says why (the TorchScript form is used)."""
 
 
-def eager_module(scripted, meta: Dict[str, Any]) -> nn.Module:
-    """The model file's :class:`~mlmd.potential.PotentialModule` as a plain (eager) module with the
-    same weights and settings, for the model families whose class mlmd has."""
+def _eager_ponita(scripted, meta: Dict[str, Any]) -> nn.Module:
     from .models.ponita import PonitaPotential
-    from .potential import PotentialModule
 
-    family = meta.get(keys.META_FAMILY)
-    if family != "ponita":
-        raise CompileUnavailable(f"model family {family!r} has no eager builder in mlmd (only the built-in "
-                                 "'ponita' files are rebuilt and compiled; the file keeps running as TorchScript)")
     core_scripted = scripted.model
     # the architecture from the scripted module itself (metadata may hold only some of it)
     hyperparameters = {"cutoff": float(core_scripted.cutoff), "channels": int(core_scripted.channels),
@@ -65,11 +61,48 @@ def eager_module(scripted, meta: Dict[str, Any]) -> nn.Module:
     # the scalars the file was trained with (set by training from its data statistics)
     core.energy_scale = float(core_scripted.energy_scale)
     core.inv_avg_neighbours = float(core_scripted.inv_avg_neighbours)
+    return core
+
+
+def _eager_mace(scripted, meta: Dict[str, Any]) -> nn.Module:
+    try:
+        from .plugins.mace import eager_committee
+        return eager_committee(scripted.model, meta)
+    except ImportError as exc:
+        raise CompileUnavailable(f"the MACE members need mace-torch to be rebuilt ({exc})") from exc
+    except ValueError as exc:
+        raise CompileUnavailable(str(exc)) from exc
+
+
+#: model family (metadata) -> builder of the eager core from the scripted file
+EAGER_BUILDERS = {"ponita": _eager_ponita, "mace": _eager_mace}
+
+
+def eager_module(scripted, meta: Dict[str, Any]) -> nn.Module:
+    """The model file's :class:`~mlmd.potential.PotentialModule` as a plain (eager) module with the
+    same weights and settings, for the model families mlmd can rebuild (:data:`EAGER_BUILDERS`)."""
+    from .potential import PotentialModule
+
+    family = meta.get(keys.META_FAMILY)
+    if family not in EAGER_BUILDERS:
+        raise CompileUnavailable(f"model family {family!r} has no eager builder in mlmd (only "
+                                 f"{sorted(EAGER_BUILDERS)} files are rebuilt and compiled; the file keeps "
+                                 "running as TorchScript)")
+    core = EAGER_BUILDERS[family](scripted, meta)
     module = PotentialModule(core, [int(z) for z in meta[keys.META_SPECIES]], float(scripted.calibration_factor),
                              bool(scripted.supports_stress))
     state = scripted.state_dict()
     module = module.to(device=state["dtype_probe"].device, dtype=state["dtype_probe"].dtype)
-    module.load_state_dict(state, strict=True)
+    if family == "mace":
+        # the members already hold their weights (eager_committee checked every name and shape);
+        # the scripted members also carry e3nn's generated-code constants, which eager ones lack
+        own = {k: v for k, v in state.items() if not k.startswith("model.")}
+        missing = [k for k in module.state_dict() if not k.startswith("model.") and k not in own]
+        if missing:
+            raise CompileUnavailable(f"the file lacks {missing}")
+        module.load_state_dict({**module.state_dict(), **own}, strict=True)
+    else:
+        module.load_state_dict(state, strict=True)
     module.calibration_factor = float(scripted.calibration_factor)
     # a compiled backward computes the gradient of every input that requires one: weights that
     # did added a weight-gradient matmul per layer to every force call, and one of the tensors
@@ -91,8 +124,7 @@ def compiler_problem() -> Optional[str]:
     return None
 
 
-def _compile_core(module: nn.Module) -> None:
-    """Route the eager core's forward through a compiled :meth:`energy_in_slots`."""
+def _configure_dynamo() -> None:
     import torch.fx.experimental._config as fx_config
 
     # duck shaping gives dims of equal size one symbol, so a 32-atom check frame would tie the
@@ -105,6 +137,25 @@ def _compile_core(module: nn.Module) -> None:
     # per retraining), so allow many
     dynamo_config.recompile_limit = max(int(dynamo_config.recompile_limit), 256)
     dynamo_config.accumulated_recompile_limit = max(int(dynamo_config.accumulated_recompile_limit), 4096)
+
+
+def _compile_mace(module: nn.Module) -> None:
+    """Each MACE member's forward compiled whole (dynamic shapes); the host's pairs go in as MACE's
+    shifts, and forces come from the compiled backward through them (plugins/mace)."""
+    _configure_dynamo()
+    committee = module.model
+    committee.members = nn.ModuleList([torch.compile(member, dynamic=True, fullgraph=True)
+                                       for member in committee.members])
+
+
+def _compile_core(module: nn.Module) -> None:
+    """Route the eager core's forward through a compiled :meth:`energy_in_slots`."""
+    from .plugins.mace import MaceCommittee
+
+    if isinstance(module.model, MaceCommittee):
+        _compile_mace(module)
+        return
+    _configure_dynamo()
     core = module.model
     for layer in core.layers:
         layer.contract_by_sum = True

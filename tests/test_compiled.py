@@ -110,7 +110,7 @@ def test_openmm_python_force_runs_the_compiled_form(forms, frames):
 @pytest.mark.slow
 @pytest.mark.parametrize("system,model", [
     ("ethanol", "ethanol_committee.pt"), ("alanine_dipeptide", "alanine_dipeptide_committee.pt"),
-    ("water", "water_committee.pt"), ("copper", "copper_committee.pt")])
+    ("water", "water_committee.pt"), ("copper", "copper_committee.pt"), ("copper", "copper_mace.pt")])
 def test_compiled_float64_agrees_to_1e_10(system, model):
     """In float64 the two forms agree to 1e-10 eV/Å on each shipped system's data frames."""
     import ase.io

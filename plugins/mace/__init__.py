@@ -19,6 +19,11 @@ and mlmd's ``edge_forces`` turns dE/dd into forces and the virial, as for built-
 The written file is plain TorchScript: loading and running it needs neither mace-torch nor
 e3nn. Only importing does, and importing mace-torch sets TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
 for the whole process (its e3nn 0.4.4 cannot otherwise read its own constants under torch 2.9).
+
+The file also keeps each member's MACE construction arguments as JSON (``mace_configs`` in its
+hyperparameters: irreps as strings, classes and activations by name, arrays as lists). With
+mace-torch installed, :func:`eager_committee` rebuilds the members as plain modules from them
+and the file's weights, which is what ``mlmd.load(path, compiled=True)`` compiles.
 """
 from __future__ import annotations
 
@@ -52,7 +57,7 @@ class MaceCommittee(nn.Module):
     host builds one neighbour list for all of them.
     """
 
-    def __init__(self, members: Sequence[nn.Module]):
+    def __init__(self, members: Sequence[nn.Module], script_members: bool = True):
         super().__init__()
         if len(members) == 0:
             raise ValueError("members: give at least one MACE model")
@@ -67,8 +72,9 @@ class MaceCommittee(nn.Module):
         self.species: List[int] = species[0]
         self.cutoff = cutoffs[0]
         self.committee_size = len(members)
-        # e3nn's compile scripts the code-generated tensor products the way MACE's own export does
-        self.members = nn.ModuleList([jit.compile(m.eval()) for m in members])
+        # e3nn's compile scripts the code-generated tensor products the way MACE's own export does;
+        # the compiled form (mlmd.compiled) keeps them eager for torch.compile instead
+        self.members = nn.ModuleList([jit.compile(m.eval()) if script_members else m.eval() for m in members])
 
     @torch.jit.export
     def energy_and_forces(self, edge_vectors: Tensor, species_index: Tensor, edge_index: Tensor,
@@ -104,6 +110,134 @@ class MaceCommittee(nn.Module):
             energies.append(node_energy.to(dtype))
         atom_energy = torch.stack(energies)                                          # [M,N]
         return edge_forces(atom_energy, vectors, edge_index, n_atoms, compute_virial, create_graph)
+
+
+# The construction arguments of a MACE model as JSON, and back.  Decoding resolves names only inside
+# these modules (a config is data: it cannot make mlmd import or call anything else).
+_CONFIG_MODULES = ("mace.modules", "torch.nn.functional", "torch")
+_MODEL_CLASSES = ("MACE", "ScaleShiftMACE")
+
+
+def _name_of(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def config_to_json(model: nn.Module) -> Dict | None:
+    """The arguments that rebuild ``model`` (an eager MACE or ScaleShiftMACE), JSON-safe; None for
+    other classes (their files run as TorchScript only)."""
+    import numpy as np
+    from e3nn import o3
+    from mace.tools.scripts_utils import extract_config_mace_model
+
+    if type(model).__name__ != "ScaleShiftMACE":
+        return None
+    config = extract_config_mace_model(model)
+    if "error" in config:
+        return None
+
+    def encode(value):
+        if isinstance(value, o3.Irreps):
+            return {"irreps": str(value)}
+        if isinstance(value, type) or callable(value) and hasattr(value, "__qualname__"):
+            return {"name": _name_of(value)}
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        if isinstance(value, np.ndarray):
+            return {"array": value.tolist(), "dtype": str(value.dtype)}
+        if isinstance(value, (np.integer, np.floating)):
+            return value.item()
+        if isinstance(value, dict):
+            return {"dict": {str(k): encode(v) for k, v in value.items()}}
+        if isinstance(value, (list, tuple)):
+            return [encode(v) for v in value]
+        if value is None or isinstance(value, (bool, int, float, str)):
+            return value
+        raise TypeError(f"a MACE config value of type {type(value).__name__} has no JSON form")
+
+    return {"model_class": type(model).__name__, "arguments": {k: encode(v) for k, v in config.items()}}
+
+
+def config_from_json(data: Dict) -> tuple:
+    """(model class, keyword arguments) from :func:`config_to_json`'s output."""
+    import importlib
+
+    import numpy as np
+    from e3nn import o3
+    from mace import modules
+
+    if data.get("model_class") not in _MODEL_CLASSES:
+        raise ValueError(f"mace_configs: model class {data.get('model_class')!r} is not one of {_MODEL_CLASSES}")
+
+    def resolve(name: str):
+        module_name, _, qualname = name.partition(":")
+        if not any(module_name == m or module_name.startswith(m + ".") for m in _CONFIG_MODULES):
+            raise ValueError(f"mace_configs: {name!r} is outside {_CONFIG_MODULES}; refused")
+        obj = importlib.import_module(module_name)
+        for part in qualname.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def decode(value):
+        if isinstance(value, dict):
+            if "irreps" in value:
+                return o3.Irreps(value["irreps"])
+            if "name" in value:
+                return resolve(value["name"])
+            if "array" in value:
+                return np.asarray(value["array"], dtype=value["dtype"])
+            if "dict" in value:
+                return {k: decode(v) for k, v in value["dict"].items()}
+            raise ValueError(f"mace_configs: unknown encoded value {sorted(value)}")
+        if isinstance(value, list):
+            return [decode(v) for v in value]
+        return value
+
+    arguments = {k: decode(v) for k, v in data["arguments"].items()}
+    arguments["atomic_numbers"] = [int(z) for z in np.asarray(arguments["atomic_numbers"]).reshape(-1)]
+    return getattr(modules, data["model_class"]), arguments
+
+
+def eager_committee(scripted_committee, meta: Dict) -> MaceCommittee:
+    """The file's MACE committee with plain (eager, torch.compile-able) members: each rebuilt from
+    its ``mace_configs`` entry without e3nn's code generation (as ``mace.tools.compile.prepare``
+    does), then given the file's weights. Raises ``ValueError`` when the file has no configs (an
+    import by an mlmd before 0.1.1: import it again) and ``ImportError`` without mace-torch."""
+    from ... import keys
+
+    _import_mace()
+    from mace.tools.compile import disable_e3nn_codegen, simplify
+
+    configs = (meta.get(keys.META_HYPER) or {}).get("mace_configs")
+    if not configs:
+        raise ValueError("the file holds no MACE construction arguments (mace_configs): it was imported before "
+                         "import_mace kept them; import the .model files again to get a compiled form")
+    if len(configs) != int(scripted_committee.committee_size):
+        raise ValueError(f"mace_configs: {len(configs)} entries for {int(scripted_committee.committee_size)} members")
+    members = []
+    for index, config in enumerate(configs):
+        scripted = getattr(scripted_committee.members, str(index))     # a scripted ModuleList has no [i]
+        model_class, arguments = config_from_json(config)
+        with disable_e3nn_codegen():
+            member = model_class(**arguments)
+        member = simplify(member)
+        state = scripted.state_dict()
+        member = member.to(dtype=next(v.dtype for v in state.values() if v.is_floating_point()))
+        wanted = member.state_dict()
+        missing = [k for k in wanted if k not in state]
+        # e3nn's code-generated tensor products also store their Wigner 3j blocks (_compiled_main_*);
+        # simplify()'s fx trace drops the symmetric contractions' unused weights_*_zeroed flags (a
+        # zeroed path also has an empty weight, which the shape check below would catch)
+        extra = [k for k in state if k not in wanted and "._compiled_main" not in k
+                 and not (k.endswith("_zeroed") and not bool(state[k]))]
+        if missing or extra:
+            raise ValueError(f"mace_configs[{index}] does not rebuild the file's member {index}: missing "
+                             f"{missing[:3]}, unexpected {extra[:3]}")
+        shapes = [k for k in wanted if tuple(wanted[k].shape) != tuple(state[k].shape)]
+        if shapes:
+            raise ValueError(f"mace_configs[{index}]: weight shapes differ from the file's at {shapes[:3]}")
+        member.load_state_dict({k: state[k] for k in wanted}, strict=True)
+        members.append(member)
+    return MaceCommittee(members, script_members=False)
 
 
 # What a torch.save of a MACE model refers to.  Anything else (os, subprocess, builtins.eval,
@@ -195,12 +329,15 @@ def import_mace(models: Sequence, out: str | os.PathLike, dtype: str = "float64"
     # modules given in memory are copied: the caller's stay in their dtype and mode
     modules = [load_mace_model(m) if isinstance(m, (str, os.PathLike)) else copy.deepcopy(m) for m in models]
     modules = [m.to(torch.float64 if dtype == "float64" else torch.float32) for m in modules]
+    configs = [config_to_json(m) for m in modules]     # before scripting touches the members
     committee = MaceCommittee(modules)
     first = modules[0]
     hyper = {"cutoff": committee.cutoff,
              "num_interactions": int(first.num_interactions),
              "hidden_irreps": str(first.products[0].linear.irreps_out),
              "class": type(first).__name__}
+    if all(c is not None for c in configs):
+        hyper["mace_configs"] = configs
     metadata = {keys.META_FAMILY: MODEL_FAMILY, keys.META_HYPER: hyper}
     if training:
         metadata[keys.META_TRAINING] = training
