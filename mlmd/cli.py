@@ -138,6 +138,14 @@ def _print_run_summary(config, summary) -> int:
         lines.append(f"  max committee force σ {summary['max_uncertainty_eV_per_A']:.3g} eV/Å")
     if summary.get("plot"):
         lines.append(f"  plot: {summary['plot']}")
+    if "observables_csv" in summary:
+        lines.append(f"  observables over {summary['observables_frames']} frames, committee intervals by "
+                     f"reweighting (min effective sample {summary['observables_min_ess_percent']:.0f} %"
+                     f"{'' if summary['observables_reliable'] else ': NOT reliable, see above'}): "
+                     f"{summary['observables_csv']}" + (f", {summary['observables_plot']}"
+                                                        if summary.get("observables_plot") else ""))
+    elif "observables" in summary:
+        lines.append(f"  observables {summary['observables']}")
     if summary.get("interrupted"):
         lines.append("  interrupted: checkpoint written; continue with --restart")
     print("\n".join(lines))
@@ -175,6 +183,8 @@ def _cmd_bench(args) -> int:
         latency.main(["--threads", str(args.threads or 1)] + (["--sizes", *map(str, args.sizes)] if args.sizes else []))
     elif args.name == "warmup":
         _load_benchmark("executor_warmup").main([])
+    elif args.name == "observables":
+        _load_benchmark("observables_coverage").main(["--out", args.out or os.path.join("runs", "bench_observables")])
     elif args.name == "active":
         from .active.bench import bench_active
         bench_active(out=args.out or os.path.join("runs", "bench_active"), steps=args.steps or 6000,
@@ -310,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="side-by-side benchmarks (ratios printed)")
     p.add_argument("name", choices=["all", "committee", "neighbors", "md", "openmm", "models", "active", "stability",
-                                    "latency", "warmup"],
+                                    "latency", "warmup", "observables"],
                    help="all: every benchmark below, one after the other, written into BENCHMARKS.md; "
                         "committee: M members vs one; neighbors: our list vs vesin/matscipy/ASE and "
                         "the Verlet skin; md: engine overhead vs ASE and OpenMM; openmm: TorchForce "
@@ -320,7 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "vs random frames (ethanol, GFN2-xTB, 600 K); stability: time to a broken bond at 500 K with the "
                         "loop off vs on; latency: per-call ms of TorchScript vs the compiled form at 9 to 10,000 atoms "
                         "with GFLOP/s vs the measured peak; warmup: MD ms/step on a fresh module vs one that "
-                        "evaluated 100 frames of other sizes")
+                        "evaluated 100 frames of other sizes; observables: coverage of the committee's 90 % "
+                        "intervals for ethanol's bond, angle, dihedral and pair-distance distributions and mean "
+                        "energy against a GFN2-xTB run (reweighted and per-member runs)")
     p.add_argument("--model", default=os.path.join(_ROOT, "systems", "ethanol", "ethanol_committee.pt"),
                    help="committee, md: model file whose hyper-parameters, dtype and example frame are "
                         "used (openmm always runs the shipped ethanol and alanine dipeptide systems)")

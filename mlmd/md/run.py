@@ -57,6 +57,11 @@ class RunConfig:
     log_interval: int = 10
     checkpoint_interval: int = 1000
     plot: bool = True
+    # MD observables with credible intervals from the committee (mlmd.observables), computed on the
+    # trajectory's frames after the run: e.g. [{kind: rdf, elements: [O, H]}, {kind: energy}]
+    observables: List[Dict[str, Any]] = field(default_factory=list)
+    observables_level: float = 0.9      # probability of the credible intervals
+    observables_discard: float = 0.2    # fraction of the trajectory's first frames left out (equilibration)
     allow_outside_output: bool = False  # let `trajectory` name a file outside the output folder
 
     CONFIG_NAME = CONFIG_NAME                  # the file looked for in a folder
@@ -171,6 +176,18 @@ class RunConfig:
         # before anything is written: a missing package must not leave a half-made run folder
         check_trajectory_format("extxyz" if suffix == "xyz" else suffix)
         self.trajectory_path()
+        if self.observables:
+            from ..observables import parse_observables
+            from .io import read_structure
+
+            if self.temperature is None or self.integrator == "verlet":
+                bad("observables", "reweighting to each committee member needs a canonical run: give a "
+                                   "thermostat (integrator: langevin or bussi) and a temperature")
+            if not 0 < self.observables_level < 1:
+                bad("observables_level", "must be a probability between 0 and 1, e.g. 0.9")
+            if not 0 <= self.observables_discard < 1:
+                bad("observables_discard", "must be a fraction in [0, 1), e.g. 0.2")
+            parse_observables(self.observables, read_structure(self.structure))
 
     def trajectory_path(self) -> str:
         """Where the trajectory goes: inside ``output`` unless ``allow_outside_output``."""
@@ -185,7 +202,8 @@ class RunConfig:
 
     def output_paths(self) -> List[str]:
         """Every file and folder a fresh run creates (a fresh run refuses to start over any of them)."""
-        names = ("log.csv", "checkpoint.npz", "config.yaml", "summary.png", "topology.pdb")
+        names = ("log.csv", "checkpoint.npz", "config.yaml", "summary.png", "topology.pdb", "observables.csv",
+                 "observables.png")
         return [os.path.join(self.output, name) for name in names] + [self.trajectory_path()]
 
 
@@ -371,7 +389,34 @@ def _run_locked(config: RunConfig, restart: bool, progress: bool, extension, all
                                    title=f"{os.path.basename(config.structure)} — {config.integrator}, "
                                          f"{config.timestep} fs",
                                    target_temperature=config.temperature)
+    if config.observables and not interrupted:
+        summary.update(run_observables(config, sim, progress))
     return summary
+
+
+def run_observables(config: RunConfig, sim, progress: bool) -> Dict[str, Any]:
+    """The run's observables with committee intervals: observables.csv and observables.png."""
+    import warnings
+
+    from .. import observables
+
+    frames = observables.read_frames(config.trajectory_path(), os.path.join(config.output, "topology.pdb"))
+    frames = frames[int(config.observables_discard * len(frames)):]
+    if len(frames) < 2:
+        return {"observables": f"skipped: the trajectory holds {len(frames)} frame(s); lower trajectory_interval"}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        report = observables.evaluate(frames, sim.potential, config.observables, config.temperature,
+                                      level=config.observables_level, progress=progress)
+    for warning in caught:
+        print(f"mlmd run: observables: {warning.message}", flush=True)
+    result = {"observables_csv": observables.write_csv(report, os.path.join(config.output, "observables.csv")),
+              "observables_frames": report.n_frames,
+              "observables_min_ess_percent": float(100 * report.ess_fraction.min()),
+              "observables_reliable": report.reliable}
+    if config.plot:
+        result["observables_plot"] = observables.plot(report, os.path.join(config.output, "observables.png"))
+    return result
 
 
 def read_log(path: str) -> Dict[str, np.ndarray]:

@@ -37,10 +37,16 @@ class ModelForces:
     """
 
     def __init__(self, potential: Potential, numbers: np.ndarray, cell: np.ndarray, pbc: np.ndarray,
-                 skin: float = 1.0, min_distance: Optional[float] = MIN_DISTANCE):
+                 skin: float = 1.0, min_distance: Optional[float] = MIN_DISTANCE, member: Optional[int] = None):
         from ..neighbors import VerletList
 
         potential.check_numbers(numbers)
+        if member is not None and not (isinstance(member, (int, np.integer)) and
+                                       0 <= int(member) < potential.committee_size and potential.committee_size > 1):
+            raise InputError(f"member: give a committee member index in 0..{potential.committee_size - 1} "
+                             f"(the model has {potential.committee_size}), got {member!r}")
+        #: None: the committee mean drives the dynamics; m: member m alone (per-member segments)
+        self.member = None if member is None else int(member)
         self.guard = Guard(numbers, min_distance, potential.cutoff, "engine")
         #: 1 while the integrator steps: compute() then sees the positions of state.step + 1
         self.step_offset = 0
@@ -70,8 +76,12 @@ class ModelForces:
             positions, shifts = local_frame(positions, state.cell, state.pbc, edge_index, shifts)
         out = self.module(self._tensor(positions), self.numbers, self.cell, self.pbc,
                           self._tensor(edge_index), self._tensor(shifts), False)
-        state.forces[...] = out[keys.FORCES].detach().cpu().numpy()
-        state.potential_energy = float(out[keys.ENERGY].detach())
+        if self.member is None:
+            state.forces[...] = out[keys.FORCES].detach().cpu().numpy()
+            state.potential_energy = float(out[keys.ENERGY].detach())
+        else:
+            state.forces[...] = out[keys.MEMBER_FORCES][self.member].detach().cpu().numpy()
+            state.potential_energy = float(out[keys.MEMBER_ENERGIES][self.member].detach())
         self.output = out
         self.guard.outputs(state.potential_energy, state.forces, where)
 
@@ -114,6 +124,10 @@ class Simulation:
                  warned about (:mod:`mlmd.guard`)
     compiled     run the compiled form of a model file path (:mod:`mlmd.compiled`: compiles at
                  start, then faster steps; TorchScript with a warning where it cannot be built)
+    member       drive the dynamics with one committee member's energy and forces (index from 0)
+                 instead of the committee mean: per-member runs for observables' intervals when
+                 reweighting one trajectory is not enough (:mod:`mlmd.observables`); σ is still
+                 the whole committee's
     """
 
     def __init__(self, atoms, model: Union[str, os.PathLike, Potential], integrator: str = "verlet",
@@ -121,7 +135,8 @@ class Simulation:
                  tau: float = 100.0, seed: Optional[int] = None, skin: float = 1.0,
                  fixed: Optional[Sequence] = None, remove_com: bool = True, dtype: Optional[str] = None,
                  device: Optional[str] = None, threads: Optional[int] = None,
-                 min_distance: Optional[float] = MIN_DISTANCE, compiled: bool = False):
+                 min_distance: Optional[float] = MIN_DISTANCE, compiled: bool = False,
+                 member: Optional[int] = None):
         if isinstance(atoms, (str, os.PathLike)):
             from .io import read_structure
             atoms = read_structure(atoms)
@@ -166,7 +181,7 @@ class Simulation:
             self.state.bath_energy = 0.0
         self.integrator.setup(self.state, self.dof)
         self.threads = apply_threads(threads, len(atoms))
-        self.forces = ModelForces(potential, self.state.numbers, cell, pbc, skin, min_distance)
+        self.forces = ModelForces(potential, self.state.numbers, cell, pbc, skin, min_distance, member)
         self.forces(self.state)
         self.observers: List[Observer] = []
         self._initial_reported = False
@@ -232,7 +247,7 @@ class Simulation:
         min_distance = self.forces.guard.min_distance
         self.potential = potential
         self.forces = ModelForces(potential, self.state.numbers, self.state.cell, self.state.pbc, previous.skin,
-                                  min_distance)
+                                  min_distance, self.forces.member)
         self.forces(self.state)
         self.forces.neighbors.builds += previous.builds   # the log's count goes on across swaps
 
