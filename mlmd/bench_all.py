@@ -49,6 +49,8 @@ def sections(out: str) -> List[Dict]:
         {"name": "active", "title": "Active learning vs random frames (ethanol, GFN2-xTB)",
          "args": ["active", "--pool", "3", "--select", "diverse", "--steps", "12000",
                   "--out", os.path.join(out, "active")], "plots": os.path.join(out, "active")},
+        {"name": "uncertainty", "title": "Uncertainty calibration on fresh GFN2-xTB frames, 300 and 700 K (ethanol, aspirin)",
+         "args": ["uncertainty"]},
         {"name": "observables", "title": "Observables with credible intervals vs a GFN2-xTB run (ethanol, 300 K)",
          "args": ["observables", "--out", os.path.join(out, "observables")],
          "plots": os.path.join(out, "observables")},

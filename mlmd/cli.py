@@ -183,6 +183,8 @@ def _cmd_bench(args) -> int:
         latency.main(["--threads", str(args.threads or 1)] + (["--sizes", *map(str, args.sizes)] if args.sizes else []))
     elif args.name == "warmup":
         _load_benchmark("executor_warmup").main([])
+    elif args.name == "uncertainty":
+        _load_benchmark("uncertainty_calibration").main([])
     elif args.name == "observables":
         _load_benchmark("observables_coverage").main(["--out", args.out or os.path.join("runs", "bench_observables")])
     elif args.name == "active":
@@ -320,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="side-by-side benchmarks (ratios printed)")
     p.add_argument("name", choices=["all", "committee", "neighbors", "md", "openmm", "models", "active", "stability",
-                                    "latency", "warmup", "observables"],
+                                    "latency", "warmup", "observables", "uncertainty"],
                    help="all: every benchmark below, one after the other, written into BENCHMARKS.md; "
                         "committee: M members vs one; neighbors: our list vs vesin/matscipy/ASE and "
                         "the Verlet skin; md: engine overhead vs ASE and OpenMM; openmm: TorchForce "
@@ -330,9 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "vs random frames (ethanol, GFN2-xTB, 600 K); stability: time to a broken bond at 500 K with the "
                         "loop off vs on; latency: per-call ms of TorchScript vs the compiled form at 9 to 10,000 atoms "
                         "with GFLOP/s vs the measured peak; warmup: MD ms/step on a fresh module vs one that "
-                        "evaluated 100 frames of other sizes; observables: coverage of the committee's 90 % "
+                        "evaluated 100 frames of other sizes; observables: coverage of the committee's 90 %% "
                         "intervals for ethanol's bond, angle, dihedral and pair-distance distributions and mean "
-                        "energy against a GFN2-xTB run (reweighted and per-member runs)")
+                        "energy against a GFN2-xTB run (reweighted and per-member runs); uncertainty: how the shipped "
+                        "ethanol and aspirin committees' σ ranks and sizes force errors on fresh GFN2-xTB frames at 300 "
+                        "and 700 K (Spearman, miscalibration area, NLL, σ ratio vs error ratio)")
     p.add_argument("--model", default=os.path.join(_ROOT, "systems", "ethanol", "ethanol_committee.pt"),
                    help="committee, md: model file whose hyper-parameters, dtype and example frame are "
                         "used (openmm always runs the shipped ethanol and alanine dipeptide systems)")

@@ -49,3 +49,14 @@ def test_progress_bars_and_warnings_stay_out_of_the_report():
 def test_unknown_benchmark_names_are_refused(tmp_path):
     with pytest.raises(ValueError, match="only/skip: unknown benchmark"):
         bench_all(out=str(tmp_path), report=str(tmp_path / "B.md"), only=["nieghbors"])
+
+
+@pytest.mark.parametrize("command", ["run", "learn", "train", "bench", "import-mace", "audit", "export", "label", "info"])
+def test_every_command_prints_its_help(command, capsys):
+    """argparse formats each help string with %: a bare "90 %" in one crashed `mlmd bench --help`."""
+    from mlmd.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: mlmd" in capsys.readouterr().out

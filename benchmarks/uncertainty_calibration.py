@@ -1,0 +1,125 @@
+"""How well does a committee's σ rank and size its force errors, in and out of its domain?
+
+For each molecule (ethanol, aspirin) fresh GFN2-xTB (tblite) Langevin trajectories at 300 K and at a
+hot temperature (700 K by default) give labelled frames no model saw; the shipped committee is
+scored on them with its own calibration factor c from the file (no refit on these frames):
+
+- force MAE (committee mean, eV/Å);
+- Spearman rank correlation of σ with the error, per frame (max_i cσ_i vs max_i |ΔF_i|) and
+  per atom (cσ_i vs |ΔF_i|);
+- miscalibration area of |ΔF_i| / (cσ_i) against chi(3)/√3 (0 perfect, 0.5 worst);
+- Gaussian NLL per force component, ΔF_ia ~ N(0, (cσ_i)²), in nats (lower is better);
+- from 300 K to the hot set: the ratio of mean σ against the ratio of mean error (a σ that
+  follows the error grows as much as it).
+
+This is the measuring stick of issue 21's calibration table: a posterior other than the deep
+ensemble (SG-MCMC, a mean-variance head) is scored by the same function, on the same frames.
+
+Run: .venv/bin/python benchmarks/uncertainty_calibration.py [--frames 100] [--hot 700] [--systems ethanol aspirin]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import time
+import warnings
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SYSTEMS = {"ethanol": ("ethanol.xyz", "ethanol_committee.pt"), "aspirin": ("aspirin.xyz", "aspirin_committee.pt")}
+TIMESTEP_FS = 0.5
+FRICTION_PER_PS = 5.0
+
+
+def gfn2_frames(structure: str, temperature: float, n_frames: int, seed: int, spacing: int = 40,
+                equilibration: int = 2000):
+    """Frames of a GFN2-xTB Langevin run (ASE) with their GFN2-xTB energy and forces as labels."""
+    import ase.io
+    from ase import units
+    from ase.calculators.singlepoint import SinglePointCalculator
+    from ase.md.langevin import Langevin
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
+    from tqdm import tqdm
+
+    from mlmd.active.oracles import make_oracle
+
+    atoms = ase.io.read(structure)
+    atoms.calc = make_oracle("gfn2-xtb")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
+    dyn = Langevin(atoms, TIMESTEP_FS * units.fs, temperature_K=temperature,
+                   friction=FRICTION_PER_PS * 1e-3 / units.fs, rng=np.random.default_rng(seed + 1), fixcm=False)
+    dyn.run(equilibration)
+    frames = []
+    for _ in tqdm(range(n_frames), desc=f"GFN2-xTB {os.path.basename(structure)} {temperature:.0f} K", unit="frame"):
+        dyn.run(spacing)
+        frame = atoms.copy()
+        frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
+        frames.append(frame)
+    return frames
+
+
+def score(potential, frames) -> dict:
+    """The metrics above for ``potential`` (a committee) on labelled ``frames``, with the file's c."""
+    from mlmd import keys
+    from mlmd.uncertainty.scores import committee_errors, miscalibration_area, spearman
+
+    raw = committee_errors(potential, frames)
+    factor = float(potential.metadata.get(keys.META_CALIBRATION, 1.0))
+    sigma = np.maximum(raw["sigma"], 1e-6) * factor
+    error, frame = raw["error"], raw["frame"]
+    n_frames = int(frame.max()) + 1
+    frame_sigma = np.full(n_frames, -np.inf)
+    frame_error = np.full(n_frames, -np.inf)
+    np.maximum.at(frame_sigma, frame, sigma)
+    np.maximum.at(frame_error, frame, error)
+    components = raw["components"]
+    nll = float(np.mean(0.5 * np.log(2 * math.pi * sigma[:, None] ** 2) + 0.5 * components ** 2 / sigma[:, None] ** 2))
+    return {"mae": float(np.mean(np.abs(components))), "spearman_frame": spearman(frame_sigma, frame_error),
+            "spearman_atom": spearman(sigma, error), "miscalibration": miscalibration_area(error / sigma),
+            "nll": nll, "mean_sigma": float(sigma.mean()), "mean_error": float(error.mean()), "factor": factor}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS))
+    parser.add_argument("--frames", type=int, default=100)
+    parser.add_argument("--hot", type=float, default=700.0, help="the out-of-domain temperature, K")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    import torch
+
+    import mlmd
+
+    torch.set_num_threads(1)
+    print("| system | posterior | T (K) | frames | force MAE eV/Å | Spearman per frame | Spearman per atom | "
+          "miscalibration area | NLL per component | mean cσ eV/Å |")
+    print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    ratios = []
+    for name in args.systems:
+        structure, model = (os.path.join(ROOT, "systems", name, f) for f in SYSTEMS[name])
+        potential = mlmd.load(model)
+        rows = {}
+        for temperature in (300.0, args.hot):
+            start = time.perf_counter()
+            frames = gfn2_frames(structure, temperature, args.frames, args.seed + int(temperature))
+            label_s = time.perf_counter() - start
+            rows[temperature] = r = score(potential, frames)
+            print(f"| {name} | deep ensemble ({potential.committee_size}, shipped, c = {r['factor']:.2f}) | "
+                  f"{temperature:.0f} | {len(frames)} | {r['mae']:.4f} | {r['spearman_frame']:.2f} | "
+                  f"{r['spearman_atom']:.2f} | {r['miscalibration']:.3f} | {r['nll']:.2f} | {r['mean_sigma']:.4f} |"
+                  f"<!-- labels {label_s:.0f} s -->", flush=True)
+        cold, hot = rows[300.0], rows[args.hot]
+        ratios.append((name, hot["mean_error"] / cold["mean_error"], hot["mean_sigma"] / cold["mean_sigma"]))
+    print()
+    print(f"| system | error ratio {args.hot:.0f} K / 300 K | σ ratio | σ ratio / error ratio |")
+    print("|---|---|---|---|")
+    for name, error_ratio, sigma_ratio in ratios:
+        print(f"| {name} | {error_ratio:.2f} | {sigma_ratio:.2f} | {sigma_ratio / error_ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
