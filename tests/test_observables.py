@@ -152,3 +152,29 @@ def test_run_writes_observables_with_intervals(tmp_path, capsys):
     assert main(["run", str(path)]) == 2
     assert "observables: reweighting to each committee member needs a canonical run" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "nve" / "log.csv")
+
+
+def test_run_config_member_drives_one_member(tmp_path, capsys):
+    """`member: m` in run.yaml runs member m alone; an index past the committee is refused by name."""
+    import yaml
+
+    from mlmd.cli import main
+    from mlmd.md.run import read_log
+
+    config = {"structure": os.path.join(os.path.dirname(SHIPPED_MODEL), "ethanol.xyz"), "model": SHIPPED_MODEL,
+              "integrator": "verlet", "steps": 20, "member": 1, "threads": 1, "output": str(tmp_path / "m1")}
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--no-progress"]) == 0
+    import ase.io
+
+    import mlmd
+
+    first = mlmd.load(SHIPPED_MODEL).compute_atoms(ase.io.read(config["structure"]))
+    log = read_log(str(tmp_path / "m1" / "log.csv"))
+    assert log["potential_eV"][0] == pytest.approx(first["member_energies"][1], abs=1e-4)
+    assert abs(log["potential_eV"][0] - first["energy"]) > 1e-4
+    config.update(member=4, output=str(tmp_path / "m4"))
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", str(path), "--no-progress"]) == 2
+    assert "member: give a committee member index in 0..3" in capsys.readouterr().err

@@ -50,6 +50,7 @@ class RunConfig:
     dtype: Optional[str] = None         # float32 | float64 (default: the model file's)
     device: str = "cpu"
     compiled: bool = False              # run the compiled form of the model (mlmd.compiled; compiles at start)
+    member: Optional[int] = None        # drive the MD with this committee member alone (None: the committee mean)
     threads: Optional[int] = None      # torch CPU threads (None: one per 256 atoms, mlmd.threads)
     output: str = "runs/md"
     trajectory: Optional[str] = None    # trajectory.dcd with OpenMM installed, else .extxyz
@@ -176,6 +177,11 @@ class RunConfig:
         # before anything is written: a missing package must not leave a half-made run folder
         check_trajectory_format("extxyz" if suffix == "xyz" else suffix)
         self.trajectory_path()
+        if self.member is not None and self.member < 0:
+            bad("member", "must be a committee member index from 0 (or left out for the committee mean)")
+        if self.observables and self.member is not None:
+            bad("observables", "reweighting assumes the committee mean drove the run; leave member out, or "
+                               "compute each member run's distributions with mlmd.observables")
         if self.observables:
             from ..observables import parse_observables
             from .io import read_structure
@@ -327,7 +333,8 @@ def _run_locked(config: RunConfig, restart: bool, progress: bool, extension, all
                      temperature=config.temperature, friction=config.friction, tau=config.tau,
                      seed=config.seed, skin=config.skin, fixed=config.fixed or None,
                      remove_com=config.remove_com, dtype=config.dtype, device=config.device,
-                     threads=config.threads, min_distance=config.min_distance, compiled=config.compiled)
+                     threads=config.threads, min_distance=config.min_distance, compiled=config.compiled,
+                     member=config.member)
     log = CSVLog(os.path.join(out, "log.csv"), committee=sim.potential.committee_size > 1)
     trajectory = TrajectoryReporter(config.trajectory_path(), sim.atoms, config.timestep,
                                     config.trajectory_interval)
