@@ -131,13 +131,6 @@ def parse_observables(items: Sequence[Dict[str, Any]], atoms=None) -> List[Obser
     return result
 
 
-def _distances(atoms, i: np.ndarray, j: np.ndarray) -> np.ndarray:
-    from ase.geometry import get_distances
-
-    _, d = get_distances(atoms.positions[i], atoms.positions[j], cell=atoms.cell, pbc=atoms.pbc)
-    return d
-
-
 def frame_samples(spec: Observable, atoms) -> np.ndarray:
     """The values one frame contributes to the histogram of ``spec`` (Å or degrees)."""
     if spec.kind == "distance":
@@ -150,19 +143,36 @@ def frame_samples(spec: Observable, atoms) -> np.ndarray:
     if spec.kind == "rdf":
         from ase.data import atomic_numbers as symbol_to_z
 
-        a = np.flatnonzero(atoms.numbers == symbol_to_z[spec.elements[0]])
-        b = np.flatnonzero(atoms.numbers == symbol_to_z[spec.elements[1]])
-        d = _distances(atoms, a, b)
-        if spec.elements[0] == spec.elements[1]:
-            d = d[np.triu_indices(len(a), k=1)]          # each unordered pair once
-        return d.reshape(-1)
+        from .neighbors import neighbor_pairs
+
+        # mlmd's cell list within r_max (linear in N, periodic images included); the full list holds
+        # each pair both ways: for two elements keep centre A, neighbour B; for one, each pair once
+        edge_index, shifts = neighbor_pairs(atoms.positions, np.asarray(atoms.cell), atoms.pbc, spec.range[1])
+        z_a, z_b = symbol_to_z[spec.elements[0]], symbol_to_z[spec.elements[1]]
+        centre, neighbour = edge_index
+        keep = (atoms.numbers[centre] == z_a) & (atoms.numbers[neighbour] == z_b)
+        if z_a == z_b:
+            keep &= (centre < neighbour) | ((centre == neighbour) & _first_of_image_pair(shifts))
+        vectors = atoms.positions[neighbour[keep]] - atoms.positions[centre[keep]] + shifts[keep]
+        return np.linalg.norm(vectors, axis=1)
     raise ValueError(spec.kind)
+
+
+def _first_of_image_pair(shifts: np.ndarray) -> np.ndarray:
+    """For an atom paired with its own periodic image (shift s and -s both listed): True for one of
+    the two, the one whose first non-zero component is positive."""
+    sign = np.zeros(len(shifts))
+    for column in range(3):
+        undecided = sign == 0
+        sign[undecided] = np.sign(shifts[undecided, column])
+    return sign > 0
 
 
 def _histogram(spec: Observable, atoms, samples: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
     """(bin centres, the frame's normalised histogram): a probability density (1/unit) for
-    distance, angle, dihedral and non-periodic rdf (the distribution of pair distances, p(r)),
-    g(r) for a periodic rdf (ideal-gas normalised with the frame's volume)."""
+    distance, angle, dihedral and non-periodic rdf (the distribution of pair distances p(r), over
+    all A–B pairs of the molecule: pairs beyond r_max count in the total), g(r) for a periodic
+    rdf (ideal-gas normalised with the frame's volume)."""
     edges = np.linspace(spec.range[0], spec.range[1], spec.bins + 1)
     counts, _ = np.histogram(samples, bins=edges)
     centres = 0.5 * (edges[1:] + edges[:-1])
@@ -175,8 +185,15 @@ def _histogram(spec: Observable, atoms, samples: np.ndarray) -> Tuple[np.ndarray
         pairs = n_a * (n_a - 1) / 2 if spec.elements[0] == spec.elements[1] else n_a * n_b
         shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
         return centres, counts / (pairs / atoms.get_volume() * shell)
-    total = max(len(samples), 1)
-    return centres, counts / (total * width)
+    if spec.kind == "rdf":
+        from ase.data import atomic_numbers as symbol_to_z
+
+        n_a = int((atoms.numbers == symbol_to_z[spec.elements[0]]).sum())
+        n_b = int((atoms.numbers == symbol_to_z[spec.elements[1]]).sum())
+        total = n_a * (n_a - 1) / 2 if spec.elements[0] == spec.elements[1] else n_a * n_b
+    else:
+        total = len(samples)
+    return centres, counts / (max(total, 1) * width)
 
 
 @dataclass

@@ -178,3 +178,25 @@ def test_run_config_member_drives_one_member(tmp_path, capsys):
     path.write_text(yaml.safe_dump(config))
     assert main(["run", str(path), "--no-progress"]) == 2
     assert "member: give a committee member index in 0..3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("elements", [["C", "H"], ["H", "H"]])
+def test_rdf_pairs_equal_ase_neighbour_list(elements):
+    """The A–B distances an rdf bins, against ASE's neighbour list, in a periodic box smaller than
+    twice r_max (an atom meets its own images) and in a molecule."""
+    from ase import Atoms
+    from ase.data import atomic_numbers
+    from ase.neighborlist import neighbor_list
+
+    from mlmd.observables import frame_samples, parse_observables
+
+    rng = np.random.default_rng(4)
+    spec, = parse_observables([{"kind": "rdf", "elements": elements, "r_max": 4.0}])
+    for atoms in (Atoms("C4H8", positions=rng.uniform(0, 3.8, (12, 3)), cell=np.eye(3) * 3.8, pbc=True),
+                  Atoms("C4H8", positions=rng.normal(size=(12, 3)) * 1.5)):
+        i, j, d = neighbor_list("ijd", atoms, 4.0)
+        z_a, z_b = atomic_numbers[elements[0]], atomic_numbers[elements[1]]
+        want = np.sort(d[(atoms.numbers[i] == z_a) & (atoms.numbers[j] == z_b)])
+        if z_a == z_b:
+            want = want[::2]            # ASE lists each pair both ways
+        np.testing.assert_allclose(np.sort(frame_samples(spec, atoms)), want, atol=1e-12)
