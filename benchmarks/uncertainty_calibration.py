@@ -89,7 +89,17 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--hot", type=float, default=700.0, help="the out-of-domain temperature, K")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--extra", nargs="+", default=[], metavar="SYSTEM:LABEL=PATH",
+                        help="more committees to score on the same frames, e.g. ethanol:sgmcmc=runs/sg/model.pt")
     args = parser.parse_args(argv)
+    extra = {}
+    for item in args.extra:
+        system, _, rest = item.partition(":")
+        label, _, path = rest.partition("=")
+        if system not in SYSTEMS or not label or not os.path.isfile(path):
+            raise SystemExit(f"--extra: {item!r} is not SYSTEM:LABEL=PATH with SYSTEM in {list(SYSTEMS)} and an "
+                             "existing model file")
+        extra.setdefault(system, []).append((label, path))
     import torch
 
     import mlmd
@@ -101,21 +111,25 @@ def main(argv=None) -> None:
     ratios = []
     for name in args.systems:
         structure, model = (os.path.join(ROOT, "systems", name, f) for f in SYSTEMS[name])
-        potential = mlmd.load(model)
+        committees = [("deep ensemble (shipped)", mlmd.load(model))]
+        committees += [(label, mlmd.load(path)) for label, path in extra.get(name, [])]
         rows = {}
         for temperature in (300.0, args.hot):
             start = time.perf_counter()
             frames = gfn2_frames(structure, temperature, args.frames, args.seed + int(temperature))
             label_s = time.perf_counter() - start
-            rows[temperature] = r = score(potential, frames)
-            print(f"| {name} | deep ensemble ({potential.committee_size}, shipped, c = {r['factor']:.2f}) | "
-                  f"{temperature:.0f} | {len(frames)} | {r['mae']:.4f} | {r['spearman_frame']:.2f} | "
-                  f"{r['spearman_atom']:.2f} | {r['miscalibration']:.3f} | {r['nll']:.2f} | {r['mean_sigma']:.4f} |"
-                  f"<!-- labels {label_s:.0f} s -->", flush=True)
-        cold, hot = rows[300.0], rows[args.hot]
-        ratios.append((name, hot["mean_error"] / cold["mean_error"], hot["mean_sigma"] / cold["mean_sigma"]))
+            for label, potential in committees:
+                rows[label, temperature] = r = score(potential, frames)
+                print(f"| {name} | {label} ({potential.committee_size}, c = {r['factor']:.2f}) | "
+                      f"{temperature:.0f} | {len(frames)} | {r['mae']:.4f} | {r['spearman_frame']:.2f} | "
+                      f"{r['spearman_atom']:.2f} | {r['miscalibration']:.3f} | {r['nll']:.2f} | "
+                      f"{r['mean_sigma']:.4f} |<!-- labels {label_s:.0f} s -->", flush=True)
+        for label, _ in committees:
+            cold, hot = rows[label, 300.0], rows[label, args.hot]
+            ratios.append((f"{name}, {label}", hot["mean_error"] / cold["mean_error"],
+                           hot["mean_sigma"] / cold["mean_sigma"]))
     print()
-    print(f"| system | error ratio {args.hot:.0f} K / 300 K | σ ratio | σ ratio / error ratio |")
+    print(f"| system, posterior | error ratio {args.hot:.0f} K / 300 K | σ ratio | σ ratio / error ratio |")
     print("|---|---|---|---|")
     for name, error_ratio, sigma_ratio in ratios:
         print(f"| {name} | {error_ratio:.2f} | {sigma_ratio:.2f} | {sigma_ratio / error_ratio:.2f} |")

@@ -9,6 +9,7 @@ from typing import Dict
 from ..errors import InputError
 
 DTYPE_NAMES = ("float32", "float64")
+POSTERIORS = ("ensemble", "sgmcmc")
 
 DEFAULT_HYPERPARAMETERS: Dict[str, float] = {
     "cutoff": 5.0,          # Å
@@ -50,6 +51,15 @@ class TrainConfig:
     budget_minutes: float = 0.0       # > 0: train for this wall time, the cosine schedule over time, not epochs
     progress: bool = True
     hyperparameters: Dict[str, float] = field(default_factory=dict)
+    # "ensemble": M independently trained members (AdamW); "sgmcmc": M chains of preconditioned
+    # SG-Langevin dynamics with a cyclical step (mlmd.models.sgmcmc) whose end-of-cycle samples
+    # form the committee (M x sgmcmc_samples members)
+    posterior: str = "ensemble"
+    sgmcmc_cycles: int = 4            # step-size cycles over the run; one sample per chain at each end
+    sgmcmc_samples: int = 2           # the last cycles whose samples are kept (committee = chains x this)
+    sgmcmc_temperature: float = 1.0   # T of exp(-U/T): 1 the Bayesian posterior, < 1 a cold one
+    sgmcmc_prior_std: float = 1.0     # s, Gaussian prior on every weight
+    sgmcmc_exploration: float = 0.5   # fraction of each cycle without noise (moving to a new mode)
 
     def validate(self) -> None:
         for name in ("committee", "epochs", "batch_size", "n_train", "n_val"):
@@ -64,6 +74,22 @@ class TrainConfig:
             raise InputError("budget_minutes/max_minutes: must be >= 0 (0 = no limit)")
         if not 0.0 <= self.ema_decay < 1.0:
             raise InputError(f"ema_decay: must be in [0, 1), got {self.ema_decay}")
+        if self.posterior not in POSTERIORS:
+            raise InputError(f"posterior: expected one of {list(POSTERIORS)}, got {self.posterior!r}")
+        if self.posterior == "sgmcmc":
+            if not 1 <= self.sgmcmc_samples <= self.sgmcmc_cycles:
+                raise InputError(f"sgmcmc_samples: keep between 1 and sgmcmc_cycles ({self.sgmcmc_cycles}) samples "
+                                 f"per chain, got {self.sgmcmc_samples}")
+            if not self.budget_minutes and self.epochs < self.sgmcmc_cycles:
+                raise InputError(f"sgmcmc_cycles: {self.sgmcmc_cycles} cycles need at least as many epochs, "
+                                 f"got epochs={self.epochs}")
+            if self.sgmcmc_temperature < 0 or self.sgmcmc_prior_std <= 0 or not 0 <= self.sgmcmc_exploration < 1:
+                raise InputError("sgmcmc_temperature >= 0, sgmcmc_prior_std > 0 and 0 <= sgmcmc_exploration < 1 "
+                                 f"are needed, got {self.sgmcmc_temperature}, {self.sgmcmc_prior_std}, "
+                                 f"{self.sgmcmc_exploration}")
+            if self.resume:
+                raise InputError("resume: an sgmcmc run cannot be continued yet (its samples are not in the "
+                                 "checkpoint); start it again")
         unknown = set(self.hyperparameters) - set(DEFAULT_HYPERPARAMETERS)
         if unknown:
             raise InputError(f"hyperparameters: unknown {sorted(unknown)}; known: {sorted(DEFAULT_HYPERPARAMETERS)}")
@@ -94,6 +120,11 @@ _NUMBER_FLAGS = (
     ("force_weight", float, "a_F, weight of the force term of the loss"),
     ("stress_weight", float, "a_W, weight of the virial term (frames with a stress label)"),
     ("max_minutes", float, "hard stop after this wall time, 0 = none"),
+    ("sgmcmc_cycles", int, "sgmcmc: step-size cycles, one sample per chain at the end of each"),
+    ("sgmcmc_samples", int, "sgmcmc: samples kept per chain, from the last cycles (committee = M x this)"),
+    ("sgmcmc_temperature", float, "sgmcmc: posterior temperature T (1 Bayesian, < 1 cold)"),
+    ("sgmcmc_prior_std", float, "sgmcmc: standard deviation of the Gaussian prior on each weight"),
+    ("sgmcmc_exploration", float, "sgmcmc: fraction of each cycle without noise"),
     ("budget_minutes", float, "train for this wall time, schedule over time, 0 = use --epochs"),
 )
 
@@ -115,6 +146,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="run directory (checkpoint, model.pt, parity.png, metrics.json)")
     p.add_argument("--committee", type=int, default=d["committee"].default, help="members M")
     p.add_argument("--bootstrap", action="store_true", help="each member trains on a bootstrap resample")
+    p.add_argument("--posterior", default=None, choices=list(POSTERIORS),
+                   help="ensemble: M independently trained members (default); sgmcmc: M chains of "
+                        "preconditioned SG-Langevin dynamics with a cyclical step, their samples form the committee")
     p.add_argument("--augment-rotations", dest="augment_rotations", action="store_true", default=None,
                    help="rotate every training batch at random (no gain for the exactly invariant model)")
     for name, kind, text in _NUMBER_FLAGS:

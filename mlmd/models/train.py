@@ -17,6 +17,11 @@ virial W* = -sigma* V (eV) is compared with the model's; it is what teaches E(V)
 AdamW with linear warm-up then cosine decay, an exponential moving average (EMA) of the
 weights used for validation, test and export, early stopping per member on the EMA
 validation loss, and a resumable checkpoint written atomically after every epoch.
+
+``posterior="sgmcmc"`` samples instead of optimising: the M members are M chains of
+preconditioned SG-Langevin dynamics with a cyclical step size (:mod:`mlmd.models.sgmcmc`), and
+the committee written is the chains' weights at the end of the last ``sgmcmc_samples`` cycles
+(M x sgmcmc_samples members; no EMA, no early stopping).
 """
 from __future__ import annotations
 
@@ -162,6 +167,39 @@ def optimizer_step(model, batch, scale: float, config: "TrainConfig", weights: O
     return float(loss.detach())
 
 
+def sgmcmc_step(model, batch, scale: float, config: "TrainConfig", weights: Optional[torch.Tensor],
+                optimizer, scheduler, likelihood_variance: torch.Tensor, n_train: int) -> float:
+    """One pSGLD step of every chain on U = n_train L̄ / (2σ²) + |θ|² / (2 s²) (mlmd.models.sgmcmc);
+    σ² per chain is a running mean of its batch loss, updated in place. Returns the summed loss."""
+    losses = member_losses(model, batch, scale, config, weights, True)                  # [M]
+    observed = losses.detach().to(likelihood_variance.dtype)
+    if bool((likelihood_variance == 0).all()):
+        likelihood_variance.copy_(observed)
+    else:
+        likelihood_variance.mul_(0.99).add_(observed, alpha=0.01)
+    variance = likelihood_variance.clamp_min(1e-12).to(losses.dtype)
+    prior = sum(p.pow(2).sum() for p in model.parameters()) / (2.0 * config.sgmcmc_prior_std ** 2)
+    potential = (n_train * losses / (2.0 * variance)).sum() + prior
+    optimizer.zero_grad(set_to_none=True)
+    potential.backward()
+    optimizer.step()
+    scheduler.step()
+    return float(losses.detach().sum())
+
+
+def committee_from_samples(init: Dict, samples: List[Dict[str, torch.Tensor]], chains: int) -> PonitaPotential:
+    """A committee of len(samples) x ``chains`` members: member s·chains + c holds chain c's weights
+    in sample s (every weight carries the member axis first)."""
+    model = build_model(init).to(next(iter(samples[0].values())).dtype)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for s_index, sample in enumerate(samples):
+            for chain in range(chains):
+                for name, value in params.items():
+                    value[s_index * chains + chain].copy_(sample[name][chain])
+    return model
+
+
 def member_losses(model, batch, scale: float, config: TrainConfig, weights: Optional[torch.Tensor],
                   create_graph: bool) -> torch.Tensor:
     """[M] loss per member (see module docstring)."""
@@ -305,7 +343,14 @@ def train(config: TrainConfig) -> Dict:
             idx = torch.as_tensor(split["train"])[draw]
             weights[m].index_add_(0, idx, torch.ones(n_train))
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    sgmcmc = config.posterior == "sgmcmc"
+    if sgmcmc:
+        from .sgmcmc import PSGLD, cycle_position, step_factor
+
+        optimizer = PSGLD(model.parameters(), lr=config.lr, temperature=config.sgmcmc_temperature,
+                          generator=torch.Generator().manual_seed(config.seed + 104729))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(split["train"]) / config.batch_size)
     total_steps = config.epochs * steps_per_epoch
     warmup = config.warmup_epochs * steps_per_epoch
@@ -314,7 +359,15 @@ def train(config: TrainConfig) -> Dict:
     elapsed_before = 0.0
     t_start = time.perf_counter()
 
+    def run_progress(step: int) -> float:
+        """How far the run is, 0..1: by wall time with a budget, else by optimizer steps."""
+        if budget_s:
+            return (elapsed_before + time.perf_counter() - t_start) / budget_s
+        return step / max(1, total_steps)
+
     def lr_factor(step: int) -> float:
+        if sgmcmc:
+            return step_factor(cycle_position(run_progress(step), config.sgmcmc_cycles)[1])
         if budget_s:
             # the cosine runs over the wall-time budget, whatever the epoch count; the warm-up
             # ends after warmup_epochs or 5 % of the budget, whichever comes first (a budget of
@@ -334,6 +387,10 @@ def train(config: TrainConfig) -> Dict:
     best_val = torch.full((members,), float("inf"))
     stall = torch.zeros(members, dtype=torch.long)
     history: List[Dict] = []
+    samples: List[Dict[str, torch.Tensor]] = []      # sgmcmc: the chains' weights at each cycle's end
+    sampled_cycles: List[int] = []
+    likelihood_variance = torch.zeros(members)          # sgmcmc: σ², running mean of each chain's batch loss
+    n_train_frames = len(split["train"])
     start_epoch = 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
@@ -380,15 +437,29 @@ def train(config: TrainConfig) -> Dict:
             batch = graphs.batch(order[lo:lo + config.batch_size].tolist())
             if config.augment_rotations:
                 rotate_batch(batch, generator)
-            loss = optimizer_step(model, batch, scale, config, weights, optimizer, scheduler)
-            decay = ema_decay_at(config.ema_decay, scheduler.last_epoch)
-            with torch.no_grad():
-                for k, v in params.items():
-                    ema[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
+            if sgmcmc:
+                cycle, position = cycle_position(run_progress(scheduler.last_epoch), config.sgmcmc_cycles)
+                for group in optimizer.param_groups:
+                    group["noise"] = position >= config.sgmcmc_exploration
+                loss = sgmcmc_step(model, batch, scale, config, weights, optimizer, scheduler,
+                                   likelihood_variance, n_train_frames)
+                next_cycle, _ = cycle_position(run_progress(scheduler.last_epoch), config.sgmcmc_cycles)
+                if next_cycle != cycle and cycle not in sampled_cycles:
+                    samples.append({k: v.detach().clone() for k, v in params.items()})
+                    sampled_cycles.append(cycle)
+            else:
+                loss = optimizer_step(model, batch, scale, config, weights, optimizer, scheduler)
+                decay = ema_decay_at(config.ema_decay, scheduler.last_epoch)
+                with torch.no_grad():
+                    for k, v in params.items():
+                        ema[k].mul_(decay).add_(v.detach(), alpha=1.0 - decay)
             running += loss / members
         epoch += 1
         model.eval()
-        val = evaluate_with(ema, split["val"])
+        if sgmcmc:      # the chains' current weights: there is no EMA or best state to choose
+            val = evaluate_with({k: v.detach() for k, v in params.items()}, split["val"])
+        else:
+            val = evaluate_with(ema, split["val"])
         improved = val < best_val
         for m in range(members):
             if bool(improved[m]):
@@ -405,7 +476,7 @@ def train(config: TrainConfig) -> Dict:
                       "history": history, "split": split}, checkpoint_path)
         bar.set_postfix(train=f"{running / steps_per_epoch:.3g}", val=f"{float(val.mean()):.3g}")
         bar.update(1)
-        if bool((stall >= config.patience).all()):
+        if not sgmcmc and bool((stall >= config.patience).all()):
             stopped = "early stopping"
             break
         if config.max_minutes and elapsed > 60.0 * config.max_minutes:
@@ -417,9 +488,18 @@ def train(config: TrainConfig) -> Dict:
     bar.close()
     train_seconds = elapsed_before + time.perf_counter() - t_start
 
-    with torch.no_grad():
-        for k, v in params.items():
-            v.copy_(best[k])
+    if sgmcmc:
+        final_cycle = cycle_position(1.0, config.sgmcmc_cycles)[0]
+        if final_cycle not in sampled_cycles:       # the last cycle ends with the run
+            samples.append({k: v.detach().clone() for k, v in params.items()})
+            sampled_cycles.append(final_cycle)
+        kept = samples[-config.sgmcmc_samples:]
+        init = dict(init, committee=members * len(kept))
+        model = committee_from_samples(init, kept, members).to(dtype)
+    else:
+        with torch.no_grad():
+            for k, v in params.items():
+                v.copy_(best[k])
     model.eval()
     refit_energy_shift(model, graphs, split["train"])
     metrics = test_metrics(model, graphs, split["test"] or split["val"])
@@ -434,9 +514,15 @@ def train(config: TrainConfig) -> Dict:
         "data_force_std_eV_per_A": init["force_std"],
         "force_mae_over_std": metrics["committee"]["force_mae"] / init["force_std"],
         "train_wall_s": train_seconds, "epochs": epoch, "stopped_by": stopped,
-        "committee": members, "n_train": len(split["train"]), "n_val": len(split["val"]),
+        "committee": model.committee_size, "posterior": config.posterior, "n_train": len(split["train"]),
+        "n_val": len(split["val"]),
         "n_test": len(split["test"]),
     }
+    if sgmcmc:
+        summary["sgmcmc"] = {"chains": members, "samples_per_chain": config.sgmcmc_samples,
+                             "cycles_sampled": sampled_cycles, "temperature": config.sgmcmc_temperature,
+                             "prior_std": config.sgmcmc_prior_std,
+                             "likelihood_variance": likelihood_variance.tolist()}
     if "stress_mae_gpa" in metrics["committee"]:
         summary["stress_mae_GPa"] = metrics["committee"]["stress_mae_gpa"]
         summary["pressure_mae_GPa"] = metrics["committee"]["pressure_mae_gpa"]
@@ -558,6 +644,10 @@ def export_checkpoint(checkpoint: str, out: str, dtype: Optional[str] = None) ->
         raise InputError(f"checkpoint: {checkpoint!r} is not an mlmd training checkpoint ({exc})") from None
     if "model_init" not in state or "best" not in state:
         raise InputError(f"checkpoint: {checkpoint!r} is not an mlmd training checkpoint")
+    if state["config"].get("posterior", "ensemble") == "sgmcmc":
+        raise InputError(f"checkpoint: {checkpoint!r} is from an sgmcmc run, whose committee is its end-of-cycle "
+                         "samples: train writes them to OUT/model.pt when it finishes (the checkpoint holds only "
+                         "the chains' current weights)")
     init = state["model_init"]
     config = state["config"]
     model = build_model(init)
