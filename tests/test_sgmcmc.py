@@ -16,12 +16,12 @@ from conftest import ETHANOL_DATA
 def test_psgld_samples_a_gaussian_at_its_temperature(temperature):
     """U(θ) = θ²/(2 s²) for 20,000 independent weights: the chain's stationary variance is T s²
     (red if the noise lacks its factor 2 or its preconditioner), and T = 0 is plain optimisation."""
-    from mlmd.models.sgmcmc import PSGLD
+    from mlmd.models.sgmcmc import PSGHMC
 
     s = 0.3
     # starts 3x wider than the target: the chain has to relax to it
     theta = torch.nn.Parameter(3 * s * torch.randn(20000, dtype=torch.float64, generator=torch.Generator().manual_seed(1)))
-    sampler = PSGLD([theta], lr=2e-3, temperature=temperature, generator=torch.Generator().manual_seed(0))   # alpha 0.999
+    sampler = PSGHMC([theta], lr=1e-2, temperature=temperature, generator=torch.Generator().manual_seed(0))
     draws = []
     for step in range(6000):
         sampler.zero_grad()
@@ -33,7 +33,7 @@ def test_psgld_samples_a_gaussian_at_its_temperature(temperature):
     assert variance == pytest.approx(temperature * s ** 2, rel=0.1)
 
     cold = torch.nn.Parameter(torch.full((100,), 1.0, dtype=torch.float64))
-    optimiser = PSGLD([cold], lr=1e-2, temperature=0.0)
+    optimiser = PSGHMC([cold], lr=1e-2, temperature=0.0)
     for _ in range(500):
         optimiser.zero_grad()
         (cold.pow(2).sum() / (2 * s ** 2)).backward()
@@ -74,3 +74,17 @@ def test_sgmcmc_options_are_checked_by_name(tmp_path):
         config = TrainConfig(data=ETHANOL_DATA, out=str(tmp_path), **{"posterior": "sgmcmc", **changes})
         with pytest.raises(InputError, match=match):
             config.validate()
+
+
+def test_a_diverged_chain_stops_training_with_the_fix(tmp_path):
+    """A chain whose loss turns non-finite stops the run, naming the chain and the options to change,
+    instead of writing NaN members into a committee file."""
+    from mlmd.errors import MLMDError
+    from mlmd.models.train import TrainConfig, train
+
+    config = TrainConfig(data=ETHANOL_DATA, out=str(tmp_path / "sg"), committee=2, epochs=4, n_train=20, n_val=5,
+                         n_test=5, posterior="sgmcmc", sgmcmc_cycles=2, sgmcmc_samples=1, progress=False,
+                         lr=1e6, warmup_epochs=1, hyperparameters={"channels": 8})
+    with pytest.raises(MLMDError, match=r"sgmcmc: chain\(s\) \[.*\] diverged .* lower --lr"):
+        train(config)
+    assert not os.path.exists(tmp_path / "sg" / "model.pt")

@@ -52,7 +52,7 @@ class TrainConfig:
     progress: bool = True
     hyperparameters: Dict[str, float] = field(default_factory=dict)
     # "ensemble": M independently trained members (AdamW); "sgmcmc": M chains of preconditioned
-    # SG-Langevin dynamics with a cyclical step (mlmd.models.sgmcmc) whose end-of-cycle samples
+    # SG-Hamiltonian Monte Carlo with a cyclical step (mlmd.models.sgmcmc) whose end-of-cycle samples
     # form the committee (M x sgmcmc_samples members)
     posterior: str = "ensemble"
     sgmcmc_cycles: int = 4            # step-size cycles over the run; one sample per chain at each end
@@ -148,7 +148,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", action="store_true", help="each member trains on a bootstrap resample")
     p.add_argument("--posterior", default=None, choices=list(POSTERIORS),
                    help="ensemble: M independently trained members (default); sgmcmc: M chains of "
-                        "preconditioned SG-Langevin dynamics with a cyclical step, their samples form the committee")
+                        "preconditioned SG-Hamiltonian Monte Carlo with a cyclical step, their samples form the "
+                        "committee")
     p.add_argument("--augment-rotations", dest="augment_rotations", action="store_true", default=None,
                    help="rotate every training batch at random (no gain for the exactly invariant model)")
     for name, kind, text in _NUMBER_FLAGS:

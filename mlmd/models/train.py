@@ -19,7 +19,7 @@ weights used for validation, test and export, early stopping per member on the E
 validation loss, and a resumable checkpoint written atomically after every epoch.
 
 ``posterior="sgmcmc"`` samples instead of optimising: the M members are M chains of
-preconditioned SG-Langevin dynamics with a cyclical step size (:mod:`mlmd.models.sgmcmc`), and
+preconditioned SG-Hamiltonian Monte Carlo with a cyclical step size (:mod:`mlmd.models.sgmcmc`), and
 the committee written is the chains' weights at the end of the last ``sgmcmc_samples`` cycles
 (M x sgmcmc_samples members; no EMA, no early stopping).
 """
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .. import keys, units
-from ..errors import InputError
+from ..errors import InputError, MLMDError
 from ..threads import keep_freed_memory
 from ..uncertainty import calibrate_file
 from .data import fingerprint, read_dataset
@@ -168,18 +168,23 @@ def optimizer_step(model, batch, scale: float, config: "TrainConfig", weights: O
 
 
 def sgmcmc_step(model, batch, scale: float, config: "TrainConfig", weights: Optional[torch.Tensor],
-                optimizer, scheduler, likelihood_variance: torch.Tensor, n_train: int) -> float:
-    """One pSGLD step of every chain on U = n_train L̄ / (2σ²) + |θ|² / (2 s²) (mlmd.models.sgmcmc);
-    σ² per chain is a running mean of its batch loss, updated in place. Returns the summed loss."""
+                optimizer, scheduler, likelihood_variance: torch.Tensor, observations: float,
+                update_variance: bool) -> float:
+    """One pSGLD step of every chain on U = observations · L̄ / (2σ²) + |θ|² / (2 s²)
+    (mlmd.models.sgmcmc), ``observations`` the labels in the training set (every force component
+    and energy: the loss is their mean per frame). σ² per chain is a running mean of its batch loss,
+    updated in place only while ``update_variance`` (the noise-free exploration phases): were it
+    updated while sampling, the noise would raise the loss, the loss σ², and σ² the noise's weight
+    against the data (measured: validation loss 30x the ensemble's and rising). Returns the summed loss."""
     losses = member_losses(model, batch, scale, config, weights, True)                  # [M]
     observed = losses.detach().to(likelihood_variance.dtype)
     if bool((likelihood_variance == 0).all()):
         likelihood_variance.copy_(observed)
-    else:
+    elif update_variance:
         likelihood_variance.mul_(0.99).add_(observed, alpha=0.01)
     variance = likelihood_variance.clamp_min(1e-12).to(losses.dtype)
     prior = sum(p.pow(2).sum() for p in model.parameters()) / (2.0 * config.sgmcmc_prior_std ** 2)
-    potential = (n_train * losses / (2.0 * variance)).sum() + prior
+    potential = (observations * losses / (2.0 * variance)).sum() + prior
     optimizer.zero_grad(set_to_none=True)
     potential.backward()
     optimizer.step()
@@ -345,10 +350,10 @@ def train(config: TrainConfig) -> Dict:
 
     sgmcmc = config.posterior == "sgmcmc"
     if sgmcmc:
-        from .sgmcmc import PSGLD, cycle_position, step_factor
+        from .sgmcmc import PSGHMC, cycle_position, step_factor
 
-        optimizer = PSGLD(model.parameters(), lr=config.lr, temperature=config.sgmcmc_temperature,
-                          generator=torch.Generator().manual_seed(config.seed + 104729))
+        optimizer = PSGHMC(model.parameters(), lr=config.lr, temperature=config.sgmcmc_temperature,
+                           generator=torch.Generator().manual_seed(config.seed + 104729))
     else:
         optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     steps_per_epoch = math.ceil(len(split["train"]) / config.batch_size)
@@ -365,16 +370,24 @@ def train(config: TrainConfig) -> Dict:
             return (elapsed_before + time.perf_counter() - t_start) / budget_s
         return step / max(1, total_steps)
 
+    def warmup_ramp(step: int, progress: float) -> float:
+        """Linear warm-up: over warmup_epochs, or 5 % of a budget if that comes first."""
+        if budget_s:
+            return min(1.0, max(progress / 0.05, (step + 1) / max(1, warmup)))
+        return min(1.0, (step + 1) / max(1, warmup))
+
     def lr_factor(step: int) -> float:
         if sgmcmc:
-            return step_factor(cycle_position(run_progress(step), config.sgmcmc_cycles)[1])
+            # the warm-up as for the ensemble (measured: a chain started at the full step went NaN
+            # in its first epoch), then the cycles' cosine
+            progress = run_progress(step)
+            return warmup_ramp(step, progress) * step_factor(cycle_position(progress, config.sgmcmc_cycles)[1])
         if budget_s:
             # the cosine runs over the wall-time budget, whatever the epoch count; the warm-up
             # ends after warmup_epochs or 5 % of the budget, whichever comes first (a budget of
             # a few epochs would otherwise be spent warming up)
-            progress = (elapsed_before + time.perf_counter() - t_start) / budget_s
-            ramp = min(1.0, max(progress / 0.05, (step + 1) / max(1, warmup)))
-            return ramp * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
+            progress = run_progress(step)
+            return warmup_ramp(step, progress) * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0))))
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
@@ -390,7 +403,8 @@ def train(config: TrainConfig) -> Dict:
     samples: List[Dict[str, torch.Tensor]] = []      # sgmcmc: the chains' weights at each cycle's end
     sampled_cycles: List[int] = []
     likelihood_variance = torch.zeros(members)          # sgmcmc: σ², running mean of each chain's batch loss
-    n_train_frames = len(split["train"])
+    # the labels behind the mean loss: 3N force components and one energy per training frame
+    observations = float(sum(3 * len(frames[i]) + 1 for i in split["train"]))
     start_epoch = 0
     if resume_state is not None:
         model.load_state_dict(resume_state["model"])
@@ -442,7 +456,7 @@ def train(config: TrainConfig) -> Dict:
                 for group in optimizer.param_groups:
                     group["noise"] = position >= config.sgmcmc_exploration
                 loss = sgmcmc_step(model, batch, scale, config, weights, optimizer, scheduler,
-                                   likelihood_variance, n_train_frames)
+                                   likelihood_variance, observations, position < config.sgmcmc_exploration)
                 next_cycle, _ = cycle_position(run_progress(scheduler.last_epoch), config.sgmcmc_cycles)
                 if next_cycle != cycle and cycle not in sampled_cycles:
                     samples.append({k: v.detach().clone() for k, v in params.items()})
@@ -460,6 +474,10 @@ def train(config: TrainConfig) -> Dict:
             val = evaluate_with({k: v.detach() for k, v in params.items()}, split["val"])
         else:
             val = evaluate_with(ema, split["val"])
+        if sgmcmc and not bool(torch.isfinite(val).all()):
+            bad = [m for m in range(members) if not bool(torch.isfinite(val[m]))]
+            raise MLMDError(f"sgmcmc: chain(s) {bad} diverged (non-finite validation loss) in epoch {epoch}; "
+                            f"lower --lr (now {config.lr:g}) or raise --warmup-epochs (now {config.warmup_epochs})")
         improved = val < best_val
         for m in range(members):
             if bool(improved[m]):
