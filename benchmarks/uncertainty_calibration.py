@@ -95,7 +95,7 @@ def main(argv=None) -> None:
     extra = {}
     for item in args.extra:
         system, _, rest = item.partition(":")
-        label, _, path = rest.partition("=")
+        label, _, path = rest.rpartition("=")   # a label may hold "=" (T=1)
         if system not in SYSTEMS or not label or not os.path.isfile(path):
             raise SystemExit(f"--extra: {item!r} is not SYSTEM:LABEL=PATH with SYSTEM in {list(SYSTEMS)} and an "
                              "existing model file")

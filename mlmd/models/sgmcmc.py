@@ -12,7 +12,8 @@ with L̄ the mean per-frame training loss (mlmd.models.train's, dimensionless: a
 frame's force components and its energy), n_obs the number of those labels in the training set
 (3N + 1 per frame), σ² the likelihood variance in the loss's units (a running mean of the batch
 loss during the noise-free phases, held while sampling: the residual variance of the fit) and s
-the prior's standard deviation of each weight. The chains sample exp(-U/T): T = 1 is the Bayesian
+the prior's standard deviation of each weight. Training steps on σ²·U at temperature T·σ² (the
+same distribution, a gradient whose scale does not follow σ²: mlmd.models.train.sgmcmc_step). The chains sample exp(-U/T): T = 1 is the Bayesian
 posterior, T < 1 a "cold" one. One step, per weight element, with ĝ the minibatch estimate of
 ∇U and friction a = 1 − momentum:
 
@@ -28,7 +29,9 @@ samples of a Gaussian target come out within a few % of its variance (tests/test
 Measured on the way: plain pSGLD (no momentum) reached a 5x higher validation loss than AdamW in
 the same time on ethanol, and with α = 0.99 its samples of a Gaussian were 34 % too wide.
 
-The step size runs in cycles: ε_k = ε₀ (1 + cos π r_k) / 2 with r_k the position in the cycle;
+The step size runs in cycles: ε_k = ε₀ (1 + cos π r_k) / 2 with r_k the position in the cycle
+(after a linear ramp over the first quarter of every cycle but the first, which has the
+training's warm-up: a restart at the full step from a converged sample diverged, measured);
 the first ``exploration`` fraction of each cycle moves without noise (to a new mode), the rest
 samples, and the weights at the end of each cycle are one posterior sample per chain.
 """
@@ -42,14 +45,15 @@ import torch
 
 class PSGHMC(torch.optim.Optimizer):
     """Preconditioned SGHMC on gradients of U(θ) (see the module docstring). The caller sets each
-    group's ``lr`` (a cyclical schedule) and ``noise`` (False while exploring)."""
+    group's ``lr`` (a cyclical schedule) and ``noise`` (False while exploring); ``temperature`` is a
+    number or a tensor [M] of one per chain (the weights' first axis)."""
 
     #: steps of each weight tensor without noise while V is first estimated
     WARMUP_STEPS = 20
 
     def __init__(self, params: Iterable, lr: float = 1e-2, temperature: float = 1.0, momentum: float = 0.9,
                  alpha: float = 0.999, delta: float = 1e-5, generator: torch.Generator | None = None):
-        if lr <= 0 or temperature < 0 or not 0 <= momentum < 1 or not 0 < alpha < 1:
+        if lr <= 0 or float(torch.as_tensor(temperature).min()) < 0 or not 0 <= momentum < 1 or not 0 < alpha < 1:
             raise ValueError(f"PSGHMC: lr > 0, temperature >= 0, 0 <= momentum < 1, 0 < alpha < 1; got {lr}, "
                              f"{temperature}, {momentum}, {alpha}")
         super().__init__(params, dict(lr=lr, temperature=temperature, momentum=momentum, alpha=alpha, delta=delta,
@@ -75,9 +79,12 @@ class PSGHMC(torch.optim.Optimizer):
                 square_avg.mul_(alpha).addcmul_(p.grad, p.grad, value=1.0 - alpha)
                 preconditioner = 1.0 / (delta + square_avg.sqrt())
                 velocity.mul_(1.0 - friction).addcmul_(preconditioner, p.grad, value=-eta)
-                if noise and temperature > 0 and state["step"] > self.WARMUP_STEPS:
+                if noise and state["step"] > self.WARMUP_STEPS:
+                    chain_temperature = temperature
+                    if isinstance(temperature, torch.Tensor):
+                        chain_temperature = temperature.to(p.dtype).reshape(-1, *([1] * (p.dim() - 1)))
                     xi = torch.randn(p.shape, dtype=p.dtype, device=p.device, generator=self.generator)
-                    velocity.addcmul_((2.0 * friction * eta * temperature * preconditioner).sqrt(), xi)
+                    velocity.addcmul_((2.0 * friction * eta * chain_temperature * preconditioner).sqrt(), xi)
                 p.add_(velocity)
         return None
 

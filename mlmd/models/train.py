@@ -170,12 +170,16 @@ def optimizer_step(model, batch, scale: float, config: "TrainConfig", weights: O
 def sgmcmc_step(model, batch, scale: float, config: "TrainConfig", weights: Optional[torch.Tensor],
                 optimizer, scheduler, likelihood_variance: torch.Tensor, observations: float,
                 update_variance: bool) -> float:
-    """One pSGLD step of every chain on U = observations · L̄ / (2σ²) + |θ|² / (2 s²)
-    (mlmd.models.sgmcmc), ``observations`` the labels in the training set (every force component
-    and energy: the loss is their mean per frame). σ² per chain is a running mean of its batch loss,
-    updated in place only while ``update_variance`` (the noise-free exploration phases): were it
-    updated while sampling, the noise would raise the loss, the loss σ², and σ² the noise's weight
-    against the data (measured: validation loss 30x the ensemble's and rising). Returns the summed loss."""
+    """One SGHMC step of every chain towards exp(-U/T), U = n_obs · L̄ / (2σ²) + |θ|² / (2 s²)
+    (mlmd.models.sgmcmc), n_obs = ``observations``, the labels of the training set.
+
+    The gradient taken is that of σ²·U = n_obs · L̄ / 2 + σ² |θ|² / (2 s²), with the temperature
+    T·σ² per chain (the same distribution): as σ² falls with the loss (100x over a run), U's
+    gradient would grow 100x faster than the preconditioner's running V follows it, and the steps
+    with it (both runs that took U itself diverged, measured). σ² per chain is a running mean of
+    its batch loss, updated in place only while ``update_variance`` (the noise-free phases): were
+    it updated while sampling, the noise would raise the loss, the loss σ², and σ² the noise.
+    Returns the summed loss."""
     losses = member_losses(model, batch, scale, config, weights, True)                  # [M]
     observed = losses.detach().to(likelihood_variance.dtype)
     if bool((likelihood_variance == 0).all()):
@@ -183,10 +187,13 @@ def sgmcmc_step(model, batch, scale: float, config: "TrainConfig", weights: Opti
     elif update_variance:
         likelihood_variance.mul_(0.99).add_(observed, alpha=0.01)
     variance = likelihood_variance.clamp_min(1e-12).to(losses.dtype)
-    prior = sum(p.pow(2).sum() for p in model.parameters()) / (2.0 * config.sgmcmc_prior_std ** 2)
-    potential = (observations * losses / (2.0 * variance)).sum() + prior
+    members = losses.shape[0]
+    prior = sum(p.pow(2).reshape(members, -1).sum(dim=1) for p in model.parameters())           # [M]
+    scaled_potential = (observations * losses / 2.0 + variance * prior / (2.0 * config.sgmcmc_prior_std ** 2)).sum()
+    for group in optimizer.param_groups:
+        group["temperature"] = config.sgmcmc_temperature * variance.detach()
     optimizer.zero_grad(set_to_none=True)
-    potential.backward()
+    scaled_potential.backward()
     optimizer.step()
     scheduler.step()
     return float(losses.detach().sum())
@@ -381,7 +388,12 @@ def train(config: TrainConfig) -> Dict:
             # the warm-up as for the ensemble (measured: a chain started at the full step went NaN
             # in its first epoch), then the cycles' cosine
             progress = run_progress(step)
-            return warmup_ramp(step, progress) * step_factor(cycle_position(progress, config.sgmcmc_cycles)[1])
+            cycle, position = cycle_position(progress, config.sgmcmc_cycles)
+            # and each later cycle ramps up over its first quarter: restarting at the full step from
+            # a converged sample (V small, G large) sent a chain to NaN in both runs that tried it,
+            # and a ramp over 10 % in one of two (measured)
+            restart = min(1.0, position / 0.25) if cycle > 0 else 1.0
+            return warmup_ramp(step, progress) * restart * step_factor(position)
         if budget_s:
             # the cosine runs over the wall-time budget, whatever the epoch count; the warm-up
             # ends after warmup_epochs or 5 % of the budget, whichever comes first (a budget of
