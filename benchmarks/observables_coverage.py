@@ -99,8 +99,8 @@ def coverage(result, reference, reference_se, level_t: float, use_total: bool) -
         mask = np.array([True])
     else:
         mask = (reference >= 0.02 * reference.max()) | (result.mean >= 0.02 * result.mean.max())
-    lower, upper = (result.lower_total, result.upper_total) if use_total else (result.lower, result.upper)
-    half = (upper - lower) / 2
+    # the upper side: the interval is symmetric about the centre but for a density's cut at 0
+    half = (result.upper_total if use_total else result.upper) - result.centre
     if use_total:
         half = np.sqrt(half ** 2 + (level_t * reference_se) ** 2)
     inside = np.abs(reference - result.centre) <= half

@@ -334,6 +334,9 @@ def evaluate(frames, model, observables, temperature: float, level: float = 0.9,
         sampling_se = block_means.std(axis=0, ddof=1) / np.sqrt(blocks)
         centre, lower, upper, method = credible_interval(members, level)
         half = np.sqrt(((upper - lower) / 2) ** 2 + (t_blocks * sampling_se) ** 2)
+        lower_total = centre - half
+        if spec.kind != "energy":          # a density or g(r) is never negative: the symmetric t band is cut at 0
+            lower, lower_total = np.maximum(lower, 0.0), np.maximum(lower_total, 0.0)
         if spec.kind == "energy":
             quantity = "mean potential energy (eV)"
         elif spec.kind == "rdf":
@@ -341,7 +344,7 @@ def evaluate(frames, model, observables, temperature: float, level: float = 0.9,
         else:
             quantity = f"probability density (1/{spec.unit})"
         results.append(ObservableResult(spec, np.asarray(x), mean, members, centre, lower, upper, sampling_se,
-                                        centre - half, centre + half, quantity))
+                                        lower_total, centre + half, quantity))
     reliable = bool(ess_fraction.min() >= min_ess_fraction)
     report = ObservablesReport(results, ess_fraction, n_frames, float(temperature), float(level), reliable,
                                float(min_ess_fraction), method)

@@ -200,3 +200,16 @@ def test_rdf_pairs_equal_ase_neighbour_list(elements):
         if z_a == z_b:
             want = want[::2]            # ASE lists each pair both ways
         np.testing.assert_allclose(np.sort(frame_samples(spec, atoms)), want, atol=1e-12)
+
+
+def test_density_bands_stay_non_negative():
+    """Sparse bins with a wide sampling error: the band of a density is cut at 0, never below."""
+    from mlmd.observables import evaluate
+
+    rng = np.random.default_rng(5)
+    spec = [{"kind": "distance", "atoms": [0, 1], "range": [0.9, 1.1], "bins": 20}]
+    energies = rng.normal(0.0, 0.01, (30, 4))
+    report = evaluate(bond_frames(rng.uniform(0.9, 1.1, 30)), None, spec, 300.0, member_energies=energies)
+    result = report.results[0]
+    assert (result.lower >= 0).all() and (result.lower_total >= 0).all()
+    assert (result.lower_total <= result.centre + 1e-12).all() and (result.upper_total >= result.centre).all()
