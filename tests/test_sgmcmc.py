@@ -42,8 +42,8 @@ def test_psgld_samples_a_gaussian_at_its_temperature(temperature):
 
 
 def test_sgmcmc_training_writes_a_committee_of_its_samples(tmp_path):
-    """2 chains x 2 kept cycles = a committee of 4 in one model file; its members differ, and the
-    samples of one chain at two cycle ends differ too."""
+    """2 chains x 2 kept cycles = a committee of up to 4 in one model file (less any sample far worse
+    than the others on validation); its members differ, samples of one chain at two cycle ends too."""
     import mlmd
     from mlmd.models.train import TrainConfig, train
 
@@ -52,15 +52,17 @@ def test_sgmcmc_training_writes_a_committee_of_its_samples(tmp_path):
                          hyperparameters={"channels": 8})
     result = train(config)
     summary = json.load(open(tmp_path / "sg" / "metrics.json"))["summary"]
-    assert summary["committee"] == 4 and summary["posterior"] == "sgmcmc"
+    rejected = summary["sgmcmc"]["rejected_samples"]
+    assert summary["committee"] == 4 - len(rejected) >= 2 and summary["posterior"] == "sgmcmc"
     assert summary["sgmcmc"]["cycles_sampled"] == [0, 1]
     potential = mlmd.load(result["model_path"])
-    assert potential.committee_size == 4
+    assert potential.committee_size == summary["committee"]
     import ase.io
 
     out = potential.compute_atoms(ase.io.read(ETHANOL_DATA, "0"))
     forces = out["member_forces"]
-    assert min(np.abs(forces[i] - forces[j]).max() for i in range(4) for j in range(i)) > 1e-4
+    size = potential.committee_size
+    assert min(np.abs(forces[i] - forces[j]).max() for i in range(size) for j in range(i)) > 1e-4
     assert os.path.isfile(tmp_path / "sg" / "parity.png")
 
 
@@ -88,3 +90,12 @@ def test_a_diverged_chain_stops_training_with_the_fix(tmp_path):
     with pytest.raises(MLMDError, match=r"sgmcmc: chain\(s\) \[.*\] diverged .* lower --lr"):
         train(config)
     assert not os.path.exists(tmp_path / "sg" / "model.pt")
+
+
+def test_a_sample_far_worse_than_the_others_is_left_out():
+    from mlmd.models.sgmcmc import accepted_samples
+
+    loss = torch.tensor([[0.010, 0.012], [0.011, 0.090]])        # [sample, chain]: one blew up
+    assert accepted_samples(loss) == [(0, 0), (0, 1), (1, 0)]
+    assert accepted_samples(torch.tensor([[0.01, float("nan")]])) == [(0, 0)]
+    assert len(accepted_samples(torch.full((2, 2), 0.02))) == 4

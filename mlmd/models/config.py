@@ -56,7 +56,7 @@ class TrainConfig:
     # form the committee (M x sgmcmc_samples members)
     posterior: str = "ensemble"
     sgmcmc_cycles: int = 4            # step-size cycles over the run; one sample per chain at each end
-    sgmcmc_samples: int = 2           # the last cycles whose samples are kept (committee = chains x this)
+    sgmcmc_samples: int = 2           # the last cycles whose samples are kept (committee: up to chains x this)
     sgmcmc_temperature: float = 1.0   # T of exp(-U/T): 1 the Bayesian posterior, < 1 a cold one
     sgmcmc_prior_std: float = 1.0     # s, Gaussian prior on every weight
     sgmcmc_exploration: float = 0.5   # fraction of each cycle without noise (moving to a new mode)

@@ -33,7 +33,8 @@ The step size runs in cycles: ε_k = ε₀ (1 + cos π r_k) / 2 with r_k the pos
 (after a linear ramp over the first quarter of every cycle but the first, which has the
 training's warm-up: a restart at the full step from a converged sample diverged, measured);
 the first ``exploration`` fraction of each cycle moves without noise (to a new mode), the rest
-samples, and the weights at the end of each cycle are one posterior sample per chain.
+samples, and the weights at the end of each cycle are one posterior sample per chain (a sample
+whose validation loss is over REJECT_FACTOR times the median of the kept ones is left out).
 """
 from __future__ import annotations
 
@@ -99,3 +100,22 @@ def cycle_position(progress: float, cycles: int) -> tuple:
 def step_factor(r: float) -> float:
     """ε_k / ε₀ at position r of a cycle: a cosine from 1 down to ~0."""
     return 0.5 * (1.0 + math.cos(math.pi * r))
+
+
+#: a sample whose validation loss exceeds this many times the median of the kept samples' is left
+#: out of the committee (measured: a cold-posterior run's last sample of one chain, caught blowing
+#: up at its cycle's end, had 8x the others' force error and made the committee 2.5x worse)
+REJECT_FACTOR = 3.0
+
+
+def accepted_samples(validation_loss: torch.Tensor, factor: float = REJECT_FACTOR) -> list:
+    """The (sample, chain) pairs to keep from ``validation_loss`` [S,C]: those within ``factor`` of
+    the median over all pairs (finite ones only)."""
+    loss = validation_loss.double()
+    finite = torch.isfinite(loss)
+    if not bool(finite.any()):
+        return []
+    limit = factor * float(loss[finite].median())
+    return [(s, c) for s in range(loss.shape[0]) for c in range(loss.shape[1])
+            if bool(finite[s, c]) and float(loss[s, c]) <= limit]
+

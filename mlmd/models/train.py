@@ -21,7 +21,8 @@ validation loss, and a resumable checkpoint written atomically after every epoch
 ``posterior="sgmcmc"`` samples instead of optimising: the M members are M chains of
 preconditioned SG-Hamiltonian Monte Carlo with a cyclical step size (:mod:`mlmd.models.sgmcmc`), and
 the committee written is the chains' weights at the end of the last ``sgmcmc_samples`` cycles
-(M x sgmcmc_samples members; no EMA, no early stopping).
+(M x sgmcmc_samples members, less any sample whose validation loss is over 3x the median: no
+EMA, no early stopping).
 """
 from __future__ import annotations
 
@@ -199,16 +200,16 @@ def sgmcmc_step(model, batch, scale: float, config: "TrainConfig", weights: Opti
     return float(losses.detach().sum())
 
 
-def committee_from_samples(init: Dict, samples: List[Dict[str, torch.Tensor]], chains: int) -> PonitaPotential:
-    """A committee of len(samples) x ``chains`` members: member s·chains + c holds chain c's weights
-    in sample s (every weight carries the member axis first)."""
-    model = build_model(init).to(next(iter(samples[0].values())).dtype)
+def committee_from_samples(init: Dict, members: List[tuple]) -> PonitaPotential:
+    """A committee whose member k holds the weights of chain c in sample s for ``members[k]`` =
+    (sample dict, c) (every weight carries the member axis first); ``init["committee"]`` must be
+    len(members)."""
+    model = build_model(init).to(next(iter(members[0][0].values())).dtype)
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for s_index, sample in enumerate(samples):
-            for chain in range(chains):
-                for name, value in params.items():
-                    value[s_index * chains + chain].copy_(sample[name][chain])
+        for index, (sample, chain) in enumerate(members):
+            for name, value in params.items():
+                value[index].copy_(sample[name][chain])
     return model
 
 
@@ -523,9 +524,18 @@ def train(config: TrainConfig) -> Dict:
         if final_cycle not in sampled_cycles:       # the last cycle ends with the run
             samples.append({k: v.detach().clone() for k, v in params.items()})
             sampled_cycles.append(final_cycle)
+        from .sgmcmc import accepted_samples
+
         kept = samples[-config.sgmcmc_samples:]
-        init = dict(init, committee=members * len(kept))
-        model = committee_from_samples(init, kept, members).to(dtype)
+        kept_cycles = sampled_cycles[-config.sgmcmc_samples:]
+        sample_loss = torch.stack([evaluate_with(sample, split["val"]) for sample in kept])           # [S,C]
+        accepted = accepted_samples(sample_loss)
+        if not accepted:
+            raise MLMDError("sgmcmc: every sample has a non-finite validation loss; lower --lr")
+        rejected = [{"cycle": kept_cycles[s], "chain": c, "val_loss": float(sample_loss[s, c])}
+                    for s in range(len(kept)) for c in range(members) if (s, c) not in accepted]
+        init = dict(init, committee=len(accepted))
+        model = committee_from_samples(init, [(kept[s], c) for s, c in accepted]).to(dtype)
     else:
         with torch.no_grad():
             for k, v in params.items():
@@ -552,7 +562,8 @@ def train(config: TrainConfig) -> Dict:
         summary["sgmcmc"] = {"chains": members, "samples_per_chain": config.sgmcmc_samples,
                              "cycles_sampled": sampled_cycles, "temperature": config.sgmcmc_temperature,
                              "prior_std": config.sgmcmc_prior_std,
-                             "likelihood_variance": likelihood_variance.tolist()}
+                             "likelihood_variance": likelihood_variance.tolist(),
+                             "sample_val_loss": sample_loss.tolist(), "rejected_samples": rejected}
     if "stress_mae_gpa" in metrics["committee"]:
         summary["stress_mae_GPa"] = metrics["committee"]["stress_mae_gpa"]
         summary["pressure_mae_GPa"] = metrics["committee"]["pressure_mae_gpa"]
