@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import os
 import time
-import warnings
 
 import numpy as np
 
@@ -46,32 +45,22 @@ FRICTION_PER_PS = 5.0
 INTERVAL = 10           # steps between frames
 
 
-def reference_run(n_steps: int, seed: int):
-    """GFN2-xTB Langevin MD (ASE): frames every INTERVAL steps and their energies (eV)."""
+def reference_run(n_steps: int, seed: int, work: str):
+    """GFN2-xTB Langevin MD (``mlmd label``'s sampler, mlmd.models.data.sample_md): frames every
+    INTERVAL steps and their energies (eV)."""
     import ase.io
-    from ase import units
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-    from tqdm import tqdm
 
-    from mlmd.active.oracles import make_oracle
+    from mlmd import keys
+    from mlmd.models.data import read_dataset, sample_md
 
-    atoms = ase.io.read(STRUCTURE)
-    atoms.calc = make_oracle("gfn2-xtb")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)      # ASE 3.28 renames it thermalize_momenta
-        MaxwellBoltzmannDistribution(atoms, temperature_K=TEMPERATURE, rng=np.random.default_rng(seed))
-    # fixcm=False: ASE's centre-of-mass fix does not sample NVT exactly for a 9-atom molecule
-    dyn = Langevin(atoms, TIMESTEP_FS * units.fs, temperature_K=TEMPERATURE,
-                   friction=FRICTION_PER_PS * 1e-3 / units.fs, rng=np.random.default_rng(seed + 1), fixcm=False)
-    frames, energies = [], []
-    for _ in tqdm(range(n_steps // INTERVAL), desc="GFN2-xTB reference", unit="frame"):
-        dyn.run(INTERVAL)
-        frame = atoms.copy()
-        frame.calc = None
-        frames.append(frame)
-        energies.append(atoms.get_potential_energy())
-    return frames, np.array(energies)
+    out = os.path.join(work, "reference_gfn2.extxyz")
+    if os.path.exists(out):
+        os.remove(out)          # this benchmark's own scratch file, remade every run
+    sample_md(ase.io.read(STRUCTURE), "gfn2-xtb", out, frames=n_steps // INTERVAL, temperature=TEMPERATURE,
+              timestep=TIMESTEP_FS, interval=INTERVAL, equilibration=0, friction=FRICTION_PER_PS * 1e-3,
+              seed=seed, relax=False)
+    frames = read_dataset(out)
+    return frames, np.array([frame.calc.results[keys.DATA_ENERGY] for frame in frames])
 
 
 def model_run(potential, n_steps: int, seed: int, member=None):
@@ -129,7 +118,7 @@ def main(argv=None) -> None:
     cut = lambda frames: int(args.discard * len(frames))          # noqa: E731
 
     start = time.perf_counter()
-    ref_frames, ref_energies = reference_run(n_steps, args.seed)
+    ref_frames, ref_energies = reference_run(n_steps, args.seed, args.out)
     ref_frames, ref_energies = ref_frames[cut(ref_frames):], ref_energies[cut(ref_frames):]
     ref_s = time.perf_counter() - start
     # the reference's own histograms and sampling errors: a "committee" of one, energies as given

@@ -23,7 +23,6 @@ import argparse
 import math
 import os
 import time
-import warnings
 
 import numpy as np
 
@@ -33,54 +32,38 @@ TIMESTEP_FS = 0.5
 FRICTION_PER_PS = 5.0
 
 
-def gfn2_frames(structure: str, temperature: float, n_frames: int, seed: int, spacing: int = 40,
+def gfn2_frames(structure: str, temperature: float, n_frames: int, seed: int, work: str, spacing: int = 40,
                 equilibration: int = 2000):
-    """Frames of a GFN2-xTB Langevin run (ASE) with their GFN2-xTB energy and forces as labels."""
+    """Frames of a GFN2-xTB Langevin run with their GFN2-xTB energy and forces as labels
+    (``mlmd label``'s sampler, mlmd.models.data.sample_md, written to a file under ``work``)."""
     import ase.io
-    from ase import units
-    from ase.calculators.singlepoint import SinglePointCalculator
-    from ase.md.langevin import Langevin
-    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
-    from tqdm import tqdm
 
-    from mlmd.active.oracles import make_oracle
+    from mlmd.models.data import read_dataset, sample_md
 
-    atoms = ase.io.read(structure)
-    atoms.calc = make_oracle("gfn2-xtb")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature, rng=np.random.default_rng(seed))
-    dyn = Langevin(atoms, TIMESTEP_FS * units.fs, temperature_K=temperature,
-                   friction=FRICTION_PER_PS * 1e-3 / units.fs, rng=np.random.default_rng(seed + 1), fixcm=False)
-    dyn.run(equilibration)
-    frames = []
-    for _ in tqdm(range(n_frames), desc=f"GFN2-xTB {os.path.basename(structure)} {temperature:.0f} K", unit="frame"):
-        dyn.run(spacing)
-        frame = atoms.copy()
-        frame.calc = SinglePointCalculator(frame, energy=atoms.get_potential_energy(), forces=atoms.get_forces())
-        frames.append(frame)
-    return frames
+    out = os.path.join(work, f"{os.path.splitext(os.path.basename(structure))[0]}_{temperature:.0f}K.extxyz")
+    if os.path.exists(out):
+        os.remove(out)          # this benchmark's own scratch file, remade every run
+    sample_md(ase.io.read(structure), "gfn2-xtb", out, frames=n_frames, temperature=temperature,
+              timestep=TIMESTEP_FS, interval=spacing, equilibration=equilibration,
+              friction=FRICTION_PER_PS * 1e-3, seed=seed, relax=False)
+    return read_dataset(out)
 
 
 def score(potential, frames) -> dict:
-    """The metrics above for ``potential`` (a committee) on labelled ``frames``, with the file's c."""
+    """The metrics above for ``potential`` (a committee) on labelled ``frames``, with the file's c
+    (Spearman is rank-based, so fit_calibration's own factor does not change it)."""
     from mlmd import keys
-    from mlmd.uncertainty.scores import committee_errors, miscalibration_area, spearman
+    from mlmd.uncertainty.scores import committee_errors, fit_calibration, miscalibration_area
 
     raw = committee_errors(potential, frames)
+    fitted = fit_calibration(**raw)
     factor = float(potential.metadata.get(keys.META_CALIBRATION, 1.0))
     sigma = np.maximum(raw["sigma"], 1e-6) * factor
-    error, frame = raw["error"], raw["frame"]
-    n_frames = int(frame.max()) + 1
-    frame_sigma = np.full(n_frames, -np.inf)
-    frame_error = np.full(n_frames, -np.inf)
-    np.maximum.at(frame_sigma, frame, sigma)
-    np.maximum.at(frame_error, frame, error)
     components = raw["components"]
     nll = float(np.mean(0.5 * np.log(2 * math.pi * sigma[:, None] ** 2) + 0.5 * components ** 2 / sigma[:, None] ** 2))
-    return {"mae": float(np.mean(np.abs(components))), "spearman_frame": spearman(frame_sigma, frame_error),
-            "spearman_atom": spearman(sigma, error), "miscalibration": miscalibration_area(error / sigma),
-            "nll": nll, "mean_sigma": float(sigma.mean()), "mean_error": float(error.mean()), "factor": factor}
+    return {"mae": fitted.force_mae, "spearman_frame": fitted.spearman_frame, "spearman_atom": fitted.spearman_atom,
+            "miscalibration": miscalibration_area(raw["error"] / sigma), "nll": nll,
+            "mean_sigma": float(sigma.mean()), "mean_error": float(raw["error"].mean()), "factor": factor}
 
 
 def main(argv=None) -> None:
@@ -89,6 +72,8 @@ def main(argv=None) -> None:
     parser.add_argument("--frames", type=int, default=100)
     parser.add_argument("--hot", type=float, default=700.0, help="the out-of-domain temperature, K")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", default=os.path.join(ROOT, "runs", "bench_uncertainty"),
+                        help="folder for the labelled frames")
     parser.add_argument("--extra", nargs="+", default=[], metavar="SYSTEM:LABEL=PATH",
                         help="more committees to score on the same frames, e.g. ethanol:sgmcmc=runs/sg/model.pt")
     args = parser.parse_args(argv)
@@ -105,6 +90,7 @@ def main(argv=None) -> None:
     import mlmd
 
     torch.set_num_threads(1)
+    os.makedirs(args.work, exist_ok=True)
     print("| system | posterior | T (K) | frames | force MAE eV/Å | Spearman per frame | Spearman per atom | "
           "miscalibration area | NLL per component | mean cσ eV/Å |")
     print("|---|---|---|---|---|---|---|---|---|---|", flush=True)
@@ -116,7 +102,7 @@ def main(argv=None) -> None:
         rows = {}
         for temperature in (300.0, args.hot):
             start = time.perf_counter()
-            frames = gfn2_frames(structure, temperature, args.frames, args.seed + int(temperature))
+            frames = gfn2_frames(structure, temperature, args.frames, args.seed + int(temperature), args.work)
             label_s = time.perf_counter() - start
             for label, potential in committees:
                 rows[label, temperature] = r = score(potential, frames)

@@ -177,20 +177,15 @@ def _histogram(spec: Observable, atoms, samples: np.ndarray) -> Tuple[np.ndarray
     counts, _ = np.histogram(samples, bins=edges)
     centres = 0.5 * (edges[1:] + edges[:-1])
     width = np.diff(edges)
-    if spec.kind == "rdf" and bool(atoms.pbc.all()):
-        from ase.data import atomic_numbers as symbol_to_z
-
-        n_a = int((atoms.numbers == symbol_to_z[spec.elements[0]]).sum())
-        n_b = int((atoms.numbers == symbol_to_z[spec.elements[1]]).sum())
-        pairs = n_a * (n_a - 1) / 2 if spec.elements[0] == spec.elements[1] else n_a * n_b
-        shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
-        return centres, counts / (pairs / atoms.get_volume() * shell)
     if spec.kind == "rdf":
         from ase.data import atomic_numbers as symbol_to_z
 
         n_a = int((atoms.numbers == symbol_to_z[spec.elements[0]]).sum())
         n_b = int((atoms.numbers == symbol_to_z[spec.elements[1]]).sum())
         total = n_a * (n_a - 1) / 2 if spec.elements[0] == spec.elements[1] else n_a * n_b
+        if bool(atoms.pbc.all()):
+            shell = 4.0 / 3.0 * np.pi * (edges[1:] ** 3 - edges[:-1] ** 3)
+            return centres, counts / (total / atoms.get_volume() * shell)
     else:
         total = len(samples)
     return centres, counts / (max(total, 1) * width)
@@ -319,8 +314,7 @@ def evaluate(frames, model, observables, temperature: float, level: float = 0.9,
     for spec in specs:
         if spec.kind == "energy":
             x = np.array([0.0])
-            per_frame_members = member_energies.T[:, :, None]                 # [M,T,1]: A_m = U_m
-            members = np.einsum("mt,mtb->mb", weights, per_frame_members)
+            members = (weights * member_energies.T).sum(axis=1, keepdims=True)   # [M,1]: A_m = U_m
             sampled = member_energies.mean(axis=1)[:, None]                   # [T,1]
         else:
             histograms = []
